@@ -1,0 +1,5 @@
+"""`python -m runner`: the command-line entry point."""
+
+from runner.cli import main
+
+raise SystemExit(main())

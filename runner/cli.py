@@ -1,0 +1,109 @@
+"""Command-line interface: parse flags into Settings, dispatch, and turn errors into exit codes.
+
+This is the only module that maps a RunnerError to a process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+
+from runner import __version__
+from runner.errors import ExitCode, RunnerError
+from runner.settings import Settings, env_var, load_settings
+
+log = logging.getLogger("runner")
+
+# Subcommands by name; anything else on the command line means `run` (so that
+# `python -m runner --flow-run-id ID` works as Prefect workers call it).
+COMMANDS = ("run",)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if not args_in or args_in[0] not in (*COMMANDS, "--version"):
+        args_in.insert(0, "run")
+    args = _parser().parse_args(args_in)
+    try:
+        return int(args.handler(args))
+    except RunnerError as exc:
+        _configure_logging("INFO")
+        log.error("%s", exc)
+        return int(exc.exit_code)
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name) for name in Settings.model_fields}
+    settings = load_settings(**overrides)
+    _configure_logging(settings.log_level)
+    # Imported here so that `--help` and config errors stay instant.
+    from runner import guard
+
+    return int(guard.run(settings))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runner",
+        description="Claim one Prefect flow run, run it in-process, report, tear the VM down.",
+    )
+    parser.add_argument("--version", action="version", version=f"prefect-vm-runner {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="execute one flow run (the default command)",
+        description="Execute one flow run: claim it, load its code, run it in-process, "
+        "report the final state, tear down. Every flag can also be set with the environment "
+        "variable shown; flags win. Prefect itself is configured as usual with PREFECT_API_URL "
+        "and PREFECT_API_KEY.",
+        epilog=_exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_settings_flags(run)
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, so that --help always lists every setting."""
+    for name, field in Settings.model_fields.items():
+        kwargs: dict[str, typing.Any] = {"dest": name, "default": None}
+        if typing.get_origin(field.annotation) is typing.Literal:
+            kwargs["choices"] = typing.get_args(field.annotation)
+        else:
+            kwargs["metavar"] = name.split("_")[-1].upper()
+        default = field.default if field.default is not None else "unset"
+        kwargs["help"] = f"{field.description} [env {env_var(name)}; default: {default}]"
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _exit_code_table() -> str:
+    meanings: dict[ExitCode, str] = {
+        ExitCode.COMPLETED: "the flow run Completed",
+        ExitCode.FLOW_FAILED: "the flow ran and ended Failed (or Cancelled)",
+        ExitCode.CONFIG_ERROR: "usage or configuration error (bad flag, id, missing run)",
+        ExitCode.BOOTSTRAP_ERROR: "infrastructure error before the flow ran (API, code)",
+        ExitCode.NOT_EXECUTED: "not executed: the run was already claimed, running or final",
+        ExitCode.CRASHED: "crashed: the worker died or the run ended Crashed",
+    }
+    rows = "\n".join(f"  {int(code)}  {text}" for code, text in meanings.items())
+    return f"exit codes:\n{rows}"
+
+
+def _configure_logging(level: str) -> None:
+    """The runner's own lines go to stderr (journald on a VM), one line each."""
+    logger = logging.getLogger("runner")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
+    )
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+

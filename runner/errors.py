@@ -1,0 +1,72 @@
+"""The runner's exception tree and the exit code each outcome maps to.
+
+Every failure the runner knows about is one of these; third-party errors are
+translated at the boundary (``raise ApiUnreachable(...) from exc``) so that the
+guard and the CLI only ever see this tree::
+
+    RunnerError                      base; never raised directly
+    ├── ConfigError                  exit 2  bad flag, setting or flow run id
+    │   └── FlowRunNotFound                  the API has no such flow run
+    ├── BootstrapError               exit 3  infrastructure fault before the flow ran
+    │   ├── ApiUnreachable                   Prefect API not reachable within --api-wait
+    │   └── CodeLoadError                    the deployment's code could not be loaded
+    └── NotExecuted                  exit 4  run already claimed, running or final
+
+Outcomes that are not exceptions but still have a code: the flow ran and
+Completed (0), the flow ran and ended Failed or Cancelled (1), the worker died
+or the run ended Crashed (5).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The documented process exit codes (README: "Exit codes")."""
+
+    COMPLETED = 0
+    FLOW_FAILED = 1
+    CONFIG_ERROR = 2
+    BOOTSTRAP_ERROR = 3
+    NOT_EXECUTED = 4
+    CRASHED = 5
+
+
+class RunnerError(Exception):
+    """Base of every error the runner reports; ``str()`` is the one line users see."""
+
+    exit_code: ExitCode = ExitCode.BOOTSTRAP_ERROR
+
+
+class ConfigError(RunnerError):
+    exit_code = ExitCode.CONFIG_ERROR
+
+
+class FlowRunNotFound(ConfigError):
+    pass
+
+
+class BootstrapError(RunnerError):
+    exit_code = ExitCode.BOOTSTRAP_ERROR
+
+
+class ApiUnreachable(BootstrapError):
+    pass
+
+
+class CodeLoadError(BootstrapError):
+    pass
+
+
+class NotExecuted(RunnerError):
+    exit_code = ExitCode.NOT_EXECUTED
+
+
+def exit_code_for_state(state_type: str | None) -> ExitCode:
+    """Map a final Prefect state type (``COMPLETED``, ``FAILED``...) to an exit code."""
+    if state_type == "COMPLETED":
+        return ExitCode.COMPLETED
+    if state_type == "CRASHED" or state_type is None:
+        return ExitCode.CRASHED
+    return ExitCode.FLOW_FAILED

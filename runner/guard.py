@@ -1,0 +1,173 @@
+"""The guard (parent process): fork the worker, supervise it, report its death, tear down.
+
+The guard exists so that whatever the worker does (OOM-killed, segfault,
+SIGKILL, a flow that hangs on the GIL), the flow run still ends in a final
+state in Prefect and the teardown still happens, exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import uuid
+from contextlib import suppress
+
+from runner import worker
+from runner.channel import Inbox, Sender
+from runner.crash import WorkerExit, oom_kill_count
+from runner.errors import ExitCode, RunnerError, exit_code_for_state
+from runner.prefect_api import PrefectApi, api_url
+from runner.settings import Settings
+from runner.vm.teardown import Teardown
+
+log = logging.getLogger("runner")
+
+_FORWARDED = (signal.SIGTERM, signal.SIGINT)
+# How long the guard waits for the API when it reports the outcome: the run is
+# over, so a short wait; a long one would keep a dead VM billing.
+_REPORT_API_WAIT = 30.0
+
+
+def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
+    """Execute the configured flow run; the teardown runs once whatever happens."""
+    teardown = teardown or Teardown(settings)
+    exit_code = ExitCode.BOOTSTRAP_ERROR
+    try:
+        flow_run_id = settings.run_id()
+        api_url()  # fail on a missing API URL here, before a worker exists
+        exit_code = _fork_and_supervise(settings, flow_run_id)
+        return exit_code
+    except RunnerError as exc:
+        exit_code = exc.exit_code
+        raise
+    finally:
+        teardown(exit_code=int(exit_code))
+
+
+def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID) -> ExitCode:
+    inbox_fd, sender_fd = os.pipe()
+    # Block the forwarded signals across the fork so that neither process can be
+    # stopped by one before it has its own handling in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    oom_before = oom_kill_count()
+    pid = os.fork()
+    if pid == 0:  # the worker: never returns into the guard's code
+        code = int(ExitCode.CRASHED)
+        try:
+            os.close(inbox_fd)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+            code = worker.run(settings, flow_run_id, Sender(sender_fd))
+        finally:
+            with suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    os.close(sender_fd)
+    log.info("guard pid %d: worker pid %d started for flow run %s", os.getpid(), pid, flow_run_id)
+    inbox = Inbox(inbox_fd)
+    try:
+        ended = _supervise(pid, inbox, settings, oom_before)
+    finally:
+        os.close(inbox_fd)
+    return _conclude(settings, flow_run_id, inbox, ended)
+
+
+def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> WorkerExit:
+    """Wait for the worker while reading its messages and forwarding SIGTERM/SIGINT."""
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in _FORWARDED}
+    previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+
+    pidfd = os.pidfd_open(pid)
+    selector = selectors.DefaultSelector()
+    selector.register(pidfd, selectors.EVENT_READ, "exited")
+    selector.register(inbox.fd, selectors.EVENT_READ, "inbox")
+    selector.register(wake_r, selectors.EVENT_READ, "signal")
+    forwarded: list[str] = []
+    kill_at: float | None = None
+    killed = False
+    try:
+        while True:
+            timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
+            for key, _ in selector.select(timeout):
+                if key.data == "inbox" and not inbox.read_available():
+                    selector.unregister(inbox.fd)
+                elif key.data == "signal":
+                    for signum in wake_r.recv(64):
+                        name = signal.Signals(signum).name
+                        log.info("guard received %s; forwarding it to the worker", name)
+                        forwarded.append(name)
+                        with suppress(ProcessLookupError):
+                            os.kill(pid, signum)
+                        kill_at = kill_at or time.monotonic() + settings.cancel_grace_seconds
+                elif key.data == "exited":
+                    while inbox.read_available():
+                        pass
+                    _, status, usage = os.wait4(pid, 0)
+                    return WorkerExit(
+                        status=status,
+                        peak_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
+                        forwarded=tuple(forwarded),
+                        killed_by_guard=killed,
+                        oom_kills=oom_kill_count() - oom_before,
+                    )
+            if kill_at is not None and not killed and time.monotonic() >= kill_at:
+                log.warning(
+                    "worker still running %gs after %s; killing it",
+                    settings.cancel_grace_seconds, forwarded[-1],
+                )
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+                kill_at = None
+    finally:
+        selector.close()
+        os.close(pidfd)
+        signal.set_wakeup_fd(previous_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        wake_r.close()
+        wake_w.close()
+
+
+def _conclude(
+    settings: Settings, flow_run_id: uuid.UUID, inbox: Inbox, ended: WorkerExit
+) -> ExitCode:
+    """Turn what the worker said and how it ended into the exit code, making sure a
+    run this runner claimed does not stay Pending or Running in Prefect."""
+    finished, error = inbox.last("finished"), inbox.last("error")
+    if finished and ended.exit_code is not None:
+        log.info("flow run %s finished: %s", flow_run_id, finished["name"])
+        return exit_code_for_state(finished["state"])
+    if inbox.last("claimed") is None:
+        # Not ours (already claimed elsewhere) or never reached: leave its state alone.
+        if error:
+            log.error("%s", error["message"])
+            return ExitCode(error["exit_code"])
+        log.error("flow run %s not claimed: %s", flow_run_id, ended.describe())
+        return ExitCode.CRASHED
+
+    message = error["message"] if error else ended.describe()
+    code = ExitCode(error["exit_code"]) if error else ExitCode.CRASHED
+    try:
+        with PrefectApi.connect(flow_run_id, api_wait=min(settings.api_wait, _REPORT_API_WAIT)) as api:
+            state = api.read_flow_run().state
+            if state is not None and state.is_final():
+                log.info("flow run %s ended %s: %s", flow_run_id, state.name, state.message or "")
+                return exit_code_for_state(state.type.value)
+            api.crash(message)
+    except Exception as exc:  # the API is the last thing that can fail; still tear down
+        log.error("could not report the crash to Prefect: %s", exc)
+    log.error("flow run %s crashed: %s", flow_run_id, message)
+    return code

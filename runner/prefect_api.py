@@ -1,0 +1,137 @@
+"""The one module that talks to the Prefect API: read, claim, crash, and log for a flow run.
+
+Prefect's own client does the HTTP; this facade adds the runner's rules (what
+counts as a claim, when a run may be marked Crashed) and translates client
+errors into the runner's error tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import LogCreate
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import get_current_settings
+from prefect.states import Crashed, Pending
+
+from runner.errors import ApiUnreachable, ConfigError, FlowRunNotFound, NotExecuted
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+
+log = logging.getLogger("runner")
+
+
+def api_url() -> str:
+    """The Prefect API URL from Prefect's settings; without one Prefect would start a
+    throwaway in-process server, which is never what a VM agent wants."""
+    url = get_current_settings().api.url
+    if not url:
+        raise ConfigError(
+            "PREFECT_API_URL is not set; set it (and PREFECT_API_KEY for Prefect Cloud) "
+            "to the API the flow run lives in"
+        )
+    return str(url)
+
+
+class PrefectApi:
+    """What the runner asks of the Prefect API about one flow run."""
+
+    def __init__(self, client: SyncPrefectClient, flow_run_id: uuid.UUID) -> None:
+        self._client = client
+        self.flow_run_id = flow_run_id
+
+    @classmethod
+    @contextmanager
+    def connect(cls, flow_run_id: uuid.UUID, *, api_wait: float) -> Iterator[PrefectApi]:
+        """Open a client and wait up to ``api_wait`` seconds for the API to answer."""
+        url = api_url()
+        with get_client(sync_client=True) as client:
+            _wait_until_healthy(client, url, api_wait)
+            yield cls(client, flow_run_id)
+
+    def read_flow_run(self) -> FlowRun:
+        try:
+            return self._client.read_flow_run(self.flow_run_id)
+        except ObjectNotFound:
+            raise FlowRunNotFound(
+                f"flow run {self.flow_run_id} does not exist in the Prefect API at {api_url()}; "
+                "check the id and PREFECT_API_URL (workspace)"
+            ) from None
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(f"Prefect API unreachable while reading the flow run: {exc}") from exc
+
+    def claim(self) -> FlowRun:
+        """Propose Pending, as Prefect workers do; the server refuses it for a run that is
+        already Pending, Running or final, so one run is never executed twice."""
+        flow_run = self.read_flow_run()
+        state = flow_run.state
+        if state is not None and (state.is_final() or state.is_running() or state.is_pending()):
+            raise NotExecuted(
+                f"flow run {self.flow_run_id} is already {state.name}; not executing it again"
+            )
+        try:
+            result = self._client.set_flow_run_state(self.flow_run_id, Pending())
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(f"Prefect API unreachable while claiming the run: {exc}") from exc
+        if result.status != SetStateStatus.ACCEPT:
+            reason = getattr(result.details, "reason", None) or result.status.value
+            raise NotExecuted(f"flow run {self.flow_run_id} could not be claimed: {reason}")
+        return self.read_flow_run()
+
+    def state_type(self) -> str | None:
+        """The run's current state type (``RUNNING``, ``COMPLETED``...), None if it has none."""
+        state = self.read_flow_run().state
+        return state.type.value if state else None
+
+    def crash(self, message: str) -> bool:
+        """Mark the run Crashed with ``message`` unless it already reached a final state.
+
+        Returns whether the state was set. Forced, because the worker that would
+        have moved it on is gone and the orchestration rules must not keep the
+        run Pending/Running forever."""
+        state = self.read_flow_run().state
+        if state is not None and state.is_final():
+            return False
+        self._client.set_flow_run_state(self.flow_run_id, Crashed(message=message), force=True)
+        self.log(message, level=logging.ERROR)
+        return True
+
+    def log(self, message: str, *, level: int = logging.INFO) -> None:
+        """Write one line to the flow run's logs in Prefect."""
+        self._client.create_logs(
+            [
+                LogCreate(
+                    name="runner",
+                    level=level,
+                    message=message,
+                    timestamp=datetime.now(timezone.utc),
+                    flow_run_id=self.flow_run_id,
+                )
+            ]
+        )
+
+
+def _wait_until_healthy(client: SyncPrefectClient, url: str, api_wait: float) -> None:
+    deadline = time.monotonic() + api_wait
+    delay = 0.5
+    while (error := client.api_healthcheck()) is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ApiUnreachable(
+                f"Prefect API at {url} unreachable for {api_wait:g}s ({type(error).__name__}); "
+                "check PREFECT_API_URL and the network, or raise --api-wait"
+            )
+        log.info("Prefect API at %s not reachable yet (%s); retrying", url, type(error).__name__)
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 5.0)

@@ -1,0 +1,107 @@
+"""The runner's settings: one frozen model, read once from CLI flags and ``RUNNER_*`` variables."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runner.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Everything a run is configured by. Precedence: CLI flag > ``RUNNER_<FLAG>`` variable.
+
+    Prefect's own settings (``PREFECT_API_URL``, ``PREFECT_API_KEY``, ...) are
+    read by Prefect from the environment as usual and are not repeated here.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="RUNNER_", frozen=True, extra="forbid", populate_by_name=True
+    )
+
+    flow_run_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("flow_run_id", "RUNNER_FLOW_RUN_ID", "PREFECT__FLOW_RUN_ID"),
+        description="The flow run to execute (a UUID). Also read from PREFECT__FLOW_RUN_ID, "
+        "which Prefect workers set.",
+    )
+    workdir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "prefect-vm-runner",
+        description="Directory the runner owns: each run gets <workdir>/runs/<flow-run-id>, "
+        "where the flow's code is placed and the flow runs.",
+    )
+    on_exit: Literal["none", "command"] = Field(
+        default="none",
+        description="What to do once the run is over, whatever its outcome: 'none', or "
+        "'command' to run --on-exit-command (exactly once, after logs are flushed).",
+    )
+    on_exit_command: str | None = Field(
+        default=None,
+        description="Shell command for --on-exit command. It sees RUNNER_EXIT_CODE and "
+        "RUNNER_FLOW_RUN_ID in its environment.",
+    )
+    on_exit_timeout: float = Field(
+        default=120.0, gt=0, description="Seconds the exit command may run before it is killed."
+    )
+    api_wait: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds to keep retrying an unreachable Prefect API at start before "
+        "giving up (exit code 3).",
+    )
+    cancel_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds the worker gets to stop after SIGTERM/SIGINT is forwarded to it, "
+        "before it is killed with SIGKILL.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Level of the runner's own log lines."
+    )
+
+    @model_validator(mode="after")
+    def _exit_command_given(self) -> Settings:
+        if self.on_exit == "command" and not self.on_exit_command:
+            raise ValueError("--on-exit command needs --on-exit-command (RUNNER_ON_EXIT_COMMAND)")
+        return self
+
+    def run_id(self) -> uuid.UUID:
+        """The flow run id as a UUID, or a ConfigError saying why there is none."""
+        if not self.flow_run_id:
+            raise ConfigError(
+                "no flow run id: pass --flow-run-id ID or set RUNNER_FLOW_RUN_ID "
+                "(or PREFECT__FLOW_RUN_ID)"
+            )
+        try:
+            return uuid.UUID(self.flow_run_id)
+        except ValueError:
+            raise ConfigError(
+                f"flow run id {self.flow_run_id!r} is not a UUID; pass the id shown in "
+                "the Prefect UI or by `prefect flow-run ls`"
+            ) from None
+
+    def run_dir(self) -> Path:
+        """The per-run directory under the workdir."""
+        return self.workdir / "runs" / str(self.run_id())
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment and CLI overrides, as one clear ConfigError."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets a field."""
+    return f"RUNNER_{field_name.upper()}"

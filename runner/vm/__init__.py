@@ -1,0 +1,1 @@
+"""What the runner does to and learns from the machine it runs on."""

@@ -1,0 +1,62 @@
+"""The worker (child process): claim the flow run, load its code, run it in-process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from runner import __version__
+from runner.channel import Sender
+from runner.errors import ExitCode, RunnerError, exit_code_for_state
+from runner.settings import Settings
+
+log = logging.getLogger("runner")
+
+
+def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
+    """Execute the flow run and return the worker's exit code; never raises.
+
+    Everything the guard needs to know is also sent over ``channel``: ``claimed``
+    once the run is ours, ``finished`` with the final state, or ``error``."""
+    from runner.execute import flush_prefect
+
+    try:
+        return _execute(settings, flow_run_id, channel)
+    except RunnerError as exc:
+        channel.send("error", message=str(exc), exit_code=int(exc.exit_code))
+        return int(exc.exit_code)
+    except BaseException as exc:  # a bug, or a signal the engine turned into an exception
+        log.debug("worker stopped by an exception", exc_info=True)
+        channel.send(
+            "error", message=f"worker stopped: {type(exc).__name__}: {exc}", exit_code=ExitCode.CRASHED
+        )
+        return int(ExitCode.CRASHED)
+    finally:
+        flush_prefect()
+
+
+def _execute(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
+    from prefect.logging.loggers import flow_run_logger
+
+    from runner.execute import load_flow_code, run_in_process
+    from runner.prefect_api import PrefectApi
+
+    with PrefectApi.connect(flow_run_id, api_wait=settings.api_wait) as api:
+        flow_run = api.claim()
+    channel.send("claimed")
+    run_logger = flow_run_logger(flow_run)
+    run_logger.info(
+        "prefect-vm-runner %s claimed flow run %s on %s (worker pid %d)",
+        __version__, flow_run_id, socket.gethostname(), os.getpid(),
+    )
+
+    run_dir = settings.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chdir(run_dir)
+    flow = load_flow_code(flow_run, run_dir)
+
+    state = run_in_process(flow, flow_run)
+    channel.send("finished", state=state.type.value, name=state.name, message=state.message)
+    return int(exit_code_for_state(state.type.value))
