@@ -28,6 +28,7 @@ class PrefectServer:
     def __init__(self, home: Path | None = None, *, start_timeout: float = 90.0) -> None:
         self._own_home = home is None
         self.home = Path(home or tempfile.mkdtemp(prefix="prefect-home-"))
+        self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.log_path = self.home / "server.log"

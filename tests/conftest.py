@@ -1,0 +1,128 @@
+"""Shared fixtures: a real Prefect server for the session, deployments, and a runner launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Keep Prefect (imported below and by the runner) away from the real ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-test-home-"))
+
+import pytest  # noqa: E402
+
+from devtools.prefect_server import PrefectServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+FLOWS_DIR = Path(__file__).resolve().parent / "flows"
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[PrefectServer]:
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with PrefectServer() as server, temporary_settings(
+        updates={
+            PREFECT_API_URL: server.api_url,
+            PREFECT_LOCAL_STORAGE_PATH: server.env()["PREFECT_LOCAL_STORAGE_PATH"],
+        }
+    ):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client(prefect_server: PrefectServer):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        yield client
+
+
+@pytest.fixture
+def flow_run(client):
+    """``flow_run("hello", n=3)``: a new Scheduled flow run of a deployment of tests/flows."""
+
+    def create(flow_name: str, *, entrypoint: str | None = None, **parameters: object):
+        flow_id = client.create_flow_from_name(flow_name.replace("_", "-"))
+        deployment_id = client.create_deployment(
+            flow_id=flow_id,
+            name=f"test-{uuid.uuid4().hex[:8]}",
+            entrypoint=entrypoint or f"flows.py:{flow_name}",
+            path=str(FLOWS_DIR),
+        )
+        return client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+
+    return create
+
+
+@dataclass
+class RunnerResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    teardowns: list[str]  # one RUNNER_EXIT_CODE per teardown that happened
+    workdir: Path
+
+    def error_lines(self) -> list[str]:
+        """The runner's own error lines (Prefect's console lines for the flow run excluded)."""
+        return [line for line in self.stderr.splitlines() if " runner[" in line and " ERROR " in line]
+
+
+class Runner:
+    """Starts `python -m runner` as users do, with teardown recorded to a file."""
+
+    def __init__(self, server: PrefectServer, tmp_path: Path) -> None:
+        self.server = server
+        self.tmp_path = tmp_path
+        self.workdir = tmp_path / "work"
+        self.teardown_log = tmp_path / "teardown.log"
+        self.home = tmp_path / "home"
+        self.home.mkdir()
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        # HOME and PREFECT_HOME point at an empty directory, so that a test can
+        # check that the runner wrote nothing outside its workdir.
+        env = {
+            **os.environ,
+            **self.server.env(),
+            "HOME": str(self.home),
+            "PREFECT_HOME": str(self.home / ".prefect"),
+        }
+        env.update(overrides)
+        return {k: v for k, v in env.items() if v != ""}
+
+    def argv(self, *args: str) -> list[str]:
+        return [
+            sys.executable, "-m", "runner", *args,
+            "--workdir", str(self.workdir),
+            "--on-exit", "command",
+            "--on-exit-command", f'echo "$RUNNER_EXIT_CODE" >> {self.teardown_log}',
+        ]
+
+    def written_outside_workdir(self) -> list[Path]:
+        """Files under HOME (Prefect itself creates an empty PREFECT_HOME on import)."""
+        return sorted(p for p in self.home.rglob("*") if not p.is_dir())
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self.argv(*args), env=self.env(**env), cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def finish(self, proc: subprocess.Popen[str], timeout: float = 120) -> RunnerResult:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        teardowns = self.teardown_log.read_text().split() if self.teardown_log.exists() else []
+        return RunnerResult(proc.returncode, stdout, stderr, teardowns, self.workdir)
+
+    def run(self, *args: str, timeout: float = 120, **env: str) -> RunnerResult:
+        return self.finish(self.start(*args, **env), timeout=timeout)
+
+
+@pytest.fixture
+def runner(prefect_server: PrefectServer, tmp_path: Path) -> Runner:
+    return Runner(prefect_server, tmp_path)

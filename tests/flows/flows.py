@@ -1,0 +1,36 @@
+"""Flows the integration tests deploy; each one exercises one outcome."""
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from prefect import flow
+
+
+@flow(log_prints=True, persist_result=True)
+def hello(n: int = 21, marker: str | None = None) -> int:
+    print(f"hello from the worker, n={n}")
+    if marker:  # one line per execution, so a test can count executions
+        with open(marker, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+    return n * 2
+
+
+@flow
+def fails() -> None:
+    raise ValueError("boom: the flow's own error")
+
+
+@flow(log_prints=True)
+def sleeper(pid_file: str, seconds: float = 60) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    print("sleeping")
+    time.sleep(seconds)
+
+
+@flow(log_prints=True, persist_result=True)
+async def async_hello(n: int = 5) -> int:
+    await asyncio.sleep(0)
+    print("hello from an async flow")
+    return n + 1

@@ -1,0 +1,56 @@
+"""Teardown runs once; the CLI turns errors into the documented exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from runner.errors import ExitCode, exit_code_for_state
+from runner.settings import Settings
+from runner.vm.teardown import Teardown
+
+
+def test_teardown_command_runs_exactly_once(tmp_path):
+    log = tmp_path / "teardown.log"
+    settings = Settings(
+        flow_run_id="x", on_exit="command", on_exit_command=f'echo "$RUNNER_EXIT_CODE $RUNNER_FLOW_RUN_ID" >> {log}'
+    )
+    teardown = Teardown(settings)
+    teardown(exit_code=3)
+    teardown(exit_code=0)
+    assert log.read_text().splitlines() == ["3 x"]
+
+
+def test_teardown_none_does_nothing(tmp_path):
+    Teardown(Settings(on_exit="none"))(exit_code=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exit_codes_for_final_states():
+    assert exit_code_for_state("COMPLETED") is ExitCode.COMPLETED
+    assert exit_code_for_state("FAILED") is ExitCode.FLOW_FAILED
+    assert exit_code_for_state("CANCELLED") is ExitCode.FLOW_FAILED
+    assert exit_code_for_state("CRASHED") is ExitCode.CRASHED
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_help_lists_every_setting_and_the_exit_codes():
+    out = _cli("--help")
+    assert out.returncode == 0
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in out.stdout
+        assert "RUNNER_" + name.upper() in out.stdout
+    for code in ExitCode:
+        assert f"  {int(code)}  " in out.stdout
+
+
+def test_bad_setting_is_exit_2_with_one_line(tmp_path):
+    out = _cli("--on-exit", "command", "--workdir", str(tmp_path))
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "--on-exit-command" in out.stderr
