@@ -33,22 +33,37 @@ def main() -> int:
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
         from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-        with temporary_settings(
-            updates={
-                PREFECT_API_URL: server.api_url,
-                PREFECT_LOCAL_STORAGE_PATH: server.env()["PREFECT_LOCAL_STORAGE_PATH"],
-            }
-        ), get_client(sync_client=True) as client:
+        with (
+            temporary_settings(
+                updates={
+                    PREFECT_API_URL: server.api_url,
+                    PREFECT_LOCAL_STORAGE_PATH: server.env()["PREFECT_LOCAL_STORAGE_PATH"],
+                }
+            ),
+            get_client(sync_client=True) as client,
+        ):
             flow_id = client.create_flow_from_name("my-flow")
             deployment_id = client.create_deployment(
-                flow_id=flow_id, name="coiled-guide", entrypoint="flow.py:my_flow", path=str(EXAMPLE)
+                flow_id=flow_id,
+                name="coiled-guide",
+                entrypoint="flow.py:my_flow",
+                path=str(EXAMPLE),
             )
             flow_run = client.create_flow_run_from_deployment(deployment_id)
-            print(f"==> registered {EXAMPLE / 'flow.py'}:my_flow; flow run {flow_run.id}", flush=True)
+            print(
+                f"==> registered {EXAMPLE / 'flow.py'}:my_flow; flow run {flow_run.id}", flush=True
+            )
 
             workdir = scratch / "work"
-            command = [sys.executable, "-m", "runner", "--flow-run-id", str(flow_run.id),
-                       "--workdir", str(workdir)]
+            command = [
+                sys.executable,
+                "-m",
+                "runner",
+                "--flow-run-id",
+                str(flow_run.id),
+                "--workdir",
+                str(workdir),
+            ]
             print(f"==> {' '.join(['python', *command[1:]])}", flush=True)
             started = time.monotonic()
             code = subprocess.call(command, cwd=REPO)
@@ -63,7 +78,9 @@ def main() -> int:
                 print(f"    result           : {final.state.result()}")
             print(f"    logs in Prefect  : {len(logs)} lines stored for the run")
             print(f"    code and files   : {workdir / 'runs' / str(flow_run.id)}")
-            print("    against your own server: PREFECT_API_URL=... python -m runner --flow-run-id ID")
+            print(
+                "    against your own server: PREFECT_API_URL=... python -m runner --flow-run-id ID"
+            )
     print("==> local Prefect server stopped")
     return code
 

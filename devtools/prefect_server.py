@@ -56,7 +56,10 @@ class PrefectServer:
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         self._wait_healthy()
@@ -75,7 +78,9 @@ class PrefectServer:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise RuntimeError(f"prefect server not healthy after {self._start_timeout}s:\n{self._log_tail()}")
+        raise RuntimeError(
+            f"prefect server not healthy after {self._start_timeout}s:\n{self._log_tail()}"
+        )
 
     def _log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
@@ -93,7 +98,10 @@ class PrefectServer:
             proc.wait()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
         if self._own_home:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,10 +17,9 @@ class Sender:
 
     def send(self, kind: str, **data: Any) -> None:
         line = json.dumps({"kind": kind, **data}, separators=(",", ":")) + "\n"
-        try:
+        # An OSError means the guard is gone: nothing is left to tell.
+        with contextlib.suppress(OSError):
             os.write(self._fd, line.encode())
-        except OSError:
-            pass  # the guard is gone; nothing left to tell
 
 
 @dataclass

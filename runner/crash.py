@@ -35,8 +35,12 @@ class WorkerExit:
         return os.WEXITSTATUS(self.status) if os.WIFEXITED(self.status) else None
 
     def likely_oom(self) -> bool:
-        return self.signal_name == "SIGKILL" and not self.killed_by_guard and (
-            self.oom_kills > 0 or self.peak_rss_bytes >= _OOM_FRACTION * self.memory_limit_bytes
+        return (
+            self.signal_name == "SIGKILL"
+            and not self.killed_by_guard
+            and (
+                self.oom_kills > 0 or self.peak_rss_bytes >= _OOM_FRACTION * self.memory_limit_bytes
+            )
         )
 
     def describe(self) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.flow_engine import load_flow, run_flow
 from prefect.flows import Flow
 from prefect.logging.loggers import flow_run_logger
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import State
 
 from runner.errors import CodeLoadError
@@ -43,21 +43,12 @@ def load_flow_code(flow_run: FlowRun, workdir: Path) -> Flow:
 
 def run_in_process(flow: Flow, flow_run: FlowRun) -> State:
     """Run the flow through the engine, which reports Running and the final state itself."""
-    state = run_flow(
-        flow, flow_run=flow_run, return_type="state", error_logger=flow_run_logger(flow_run)
-    )
-    if inspect.isawaitable(state):  # async flows hand back a coroutine
-        state = asyncio.run(state)
+    # The guard sends this run's heartbeats; the engine's own heartbeat thread would
+    # double them, and the engine waits up to a second for it to stop at the end.
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        state = run_flow(
+            flow, flow_run=flow_run, return_type="state", error_logger=flow_run_logger(flow_run)
+        )
+        if inspect.isawaitable(state):  # async flows hand back a coroutine
+            state = asyncio.run(state)
     return state
-
-
-def flush_prefect(timeout: float = 30.0) -> None:
-    """Send the logs and events still queued in this process before it exits."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (APILogWorker, EventsWorker):
-        try:
-            service.drain_all(timeout=timeout)
-        except Exception:  # flushing is best effort; never mask the run's outcome
-            logging.getLogger("runner").debug("flush of %s failed", service.__name__, exc_info=True)

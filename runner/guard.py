@@ -7,6 +7,7 @@ state in Prefect and the teardown still happens, exactly once.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import selectors
@@ -17,12 +18,13 @@ import time
 import uuid
 from contextlib import suppress
 
-from runner import worker
+from runner import execute, worker  # noqa: F401  (execute: imported before the fork, shared)
 from runner.channel import Inbox, Sender
 from runner.crash import WorkerExit, oom_kill_count
 from runner.errors import ExitCode, RunnerError, exit_code_for_state
-from runner.prefect_api import PrefectApi, api_url
+from runner.prefect_api import PrefectApi, api_url, emit, flush_prefect
 from runner.settings import Settings
+from runner.telemetry.heartbeat import Heartbeat
 from runner.vm.teardown import Teardown
 
 log = logging.getLogger("runner")
@@ -46,6 +48,7 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
         exit_code = exc.exit_code
         raise
     finally:
+        flush_prefect()
         teardown(exit_code=int(exit_code))
 
 
@@ -57,8 +60,11 @@ def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID) -> ExitCode:
     sys.stdout.flush()
     sys.stderr.flush()
     oom_before = oom_kill_count()
+    # Everything imported so far is shared copy-on-write with the worker; frozen
+    # objects are never visited by GC, so neither process dirties those pages.
+    gc.freeze()
     pid = os.fork()
-    if pid == 0:  # the worker: never returns into the guard's code
+    if pid == 0:  # the worker: never returns into the guard's code (GC: see worker.py)
         code = int(ExitCode.CRASHED)
         try:
             os.close(inbox_fd)
@@ -70,6 +76,7 @@ def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID) -> ExitCode:
                 sys.stderr.flush()
             os._exit(code)
 
+    gc.enable()
     os.close(sender_fd)
     log.info("guard pid %d: worker pid %d started for flow run %s", os.getpid(), pid, flow_run_id)
     inbox = Inbox(inbox_fd)
@@ -97,12 +104,15 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
     forwarded: list[str] = []
     kill_at: float | None = None
     killed = False
+    heartbeat: Heartbeat | None = None
     try:
         while True:
             timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
             for key, _ in selector.select(timeout):
-                if key.data == "inbox" and not inbox.read_available():
-                    selector.unregister(inbox.fd)
+                if key.data == "inbox":
+                    if not inbox.read_available():
+                        selector.unregister(inbox.fd)
+                    heartbeat = heartbeat or _start_heartbeat(inbox, settings)
                 elif key.data == "signal":
                     for signum in wake_r.recv(64):
                         name = signal.Signals(signum).name
@@ -125,13 +135,16 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
             if kill_at is not None and not killed and time.monotonic() >= kill_at:
                 log.warning(
                     "worker still running %gs after %s; killing it",
-                    settings.cancel_grace_seconds, forwarded[-1],
+                    settings.cancel_grace_seconds,
+                    forwarded[-1],
                 )
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 killed = True
                 kill_at = None
     finally:
+        if heartbeat:
+            heartbeat.stop()
         selector.close()
         os.close(pidfd)
         signal.set_wakeup_fd(previous_wakeup)
@@ -139,6 +152,21 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
             signal.signal(sig, handler)
         wake_r.close()
         wake_w.close()
+
+
+def _start_heartbeat(inbox: Inbox, settings: Settings) -> Heartbeat | None:
+    """Heartbeats start once the worker has claimed the run (it sends the run's resources)."""
+    claimed = inbox.last("claimed")
+    if claimed is None or settings.heartbeat_seconds <= 0:
+        return None
+    heartbeat = Heartbeat(
+        interval=settings.heartbeat_seconds,
+        resource=claimed["resource"],
+        related=claimed["related"],
+        emit=emit,
+    )
+    heartbeat.start()
+    return heartbeat
 
 
 def _conclude(
@@ -161,7 +189,9 @@ def _conclude(
     message = error["message"] if error else ended.describe()
     code = ExitCode(error["exit_code"]) if error else ExitCode.CRASHED
     try:
-        with PrefectApi.connect(flow_run_id, api_wait=min(settings.api_wait, _REPORT_API_WAIT)) as api:
+        with PrefectApi.connect(
+            flow_run_id, api_wait=min(settings.api_wait, _REPORT_API_WAIT)
+        ) as api:
             state = api.read_flow_run().state
             if state is not None and state.is_final():
                 log.info("flow run %s ended %s: %s", flow_run_id, state.name, state.message or "")

@@ -13,13 +13,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import SetStateStatus
+from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
 from prefect.states import Crashed, Pending
@@ -44,32 +46,57 @@ def api_url() -> str:
     return str(url)
 
 
+def _printable(url: str) -> str:
+    """The URL without any user:password part, for messages."""
+    return str(httpx.URL(url).copy_with(username=None, password=None))
+
+
 class PrefectApi:
     """What the runner asks of the Prefect API about one flow run."""
 
-    def __init__(self, client: SyncPrefectClient, flow_run_id: uuid.UUID) -> None:
+    def __init__(
+        self, client: SyncPrefectClient, flow_run_id: uuid.UUID, *, url: str, api_wait: float
+    ) -> None:
         self._client = client
+        self._url = url
+        self._api_wait = api_wait
         self.flow_run_id = flow_run_id
 
     @classmethod
     @contextmanager
     def connect(cls, flow_run_id: uuid.UUID, *, api_wait: float) -> Iterator[PrefectApi]:
-        """Open a client and wait up to ``api_wait`` seconds for the API to answer."""
+        """A client for the run; its first read waits up to ``api_wait`` s for the API."""
         url = api_url()
         with get_client(sync_client=True) as client:
-            _wait_until_healthy(client, url, api_wait)
-            yield cls(client, flow_run_id)
+            yield cls(client, flow_run_id, url=_printable(url), api_wait=api_wait)
 
     def read_flow_run(self) -> FlowRun:
-        try:
-            return self._client.read_flow_run(self.flow_run_id)
-        except ObjectNotFound:
-            raise FlowRunNotFound(
-                f"flow run {self.flow_run_id} does not exist in the Prefect API at {api_url()}; "
-                "check the id and PREFECT_API_URL (workspace)"
-            ) from None
-        except httpx.TransportError as exc:
-            raise ApiUnreachable(f"Prefect API unreachable while reading the flow run: {exc}") from exc
+        """Read the run, retrying with backoff while the API does not answer at all."""
+        deadline = time.monotonic() + self._api_wait
+        delay = 0.5
+        while True:
+            try:
+                return self._client.read_flow_run(self.flow_run_id)
+            except ObjectNotFound:
+                raise FlowRunNotFound(
+                    f"flow run {self.flow_run_id} does not exist in the Prefect API at "
+                    f"{self._url}; check the id and PREFECT_API_URL (workspace)"
+                ) from None
+            except httpx.TransportError as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ApiUnreachable(
+                        f"Prefect API at {self._url} unreachable for {self._api_wait:g}s "
+                        f"({type(exc).__name__}); check PREFECT_API_URL and the network, "
+                        "or raise --api-wait"
+                    ) from exc
+                log.info(
+                    "Prefect API at %s not reachable yet (%s); retrying",
+                    self._url,
+                    type(exc).__name__,
+                )
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 5.0)
 
     def claim(self) -> FlowRun:
         """Propose Pending, as Prefect workers do; the server refuses it for a run that is
@@ -87,7 +114,8 @@ class PrefectApi:
         if result.status != SetStateStatus.ACCEPT:
             reason = getattr(result.details, "reason", None) or result.status.value
             raise NotExecuted(f"flow run {self.flow_run_id} could not be claimed: {reason}")
-        return self.read_flow_run()
+        flow_run.state = result.state
+        return flow_run
 
     def state_type(self) -> str | None:
         """The run's current state type (``RUNNING``, ``COMPLETED``...), None if it has none."""
@@ -122,16 +150,43 @@ class PrefectApi:
         )
 
 
-def _wait_until_healthy(client: SyncPrefectClient, url: str, api_wait: float) -> None:
-    deadline = time.monotonic() + api_wait
-    delay = 0.5
-    while (error := client.api_healthcheck()) is not None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ApiUnreachable(
-                f"Prefect API at {url} unreachable for {api_wait:g}s ({type(error).__name__}); "
-                "check PREFECT_API_URL and the network, or raise --api-wait"
-            )
-        log.info("Prefect API at %s not reachable yet (%s); retrying", url, type(error).__name__)
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 5.0)
+def flow_run_resources(flow_run: FlowRun) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The flow run as an event resource, with its flow, deployment and tags as related
+    resources: the same shape the engine gives its own heartbeats."""
+    resource = {
+        "prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
+        "prefect.resource.name": flow_run.name or "",
+        "prefect.version": prefect.__version__,
+    }
+    related = [
+        {"prefect.resource.id": f"prefect.flow.{flow_run.flow_id}", "prefect.resource.role": "flow"}
+    ]
+    if flow_run.deployment_id:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.deployment.{flow_run.deployment_id}",
+                "prefect.resource.role": "deployment",
+            }
+        )
+    related += [
+        {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+        for tag in sorted(flow_run.tags or [])
+    ]
+    return resource, related
+
+
+def emit(**event: Any) -> None:
+    """Queue one event for Prefect's events worker (sent in the background)."""
+    emit_event(**event)
+
+
+def flush_prefect(timeout: float = 30.0) -> None:
+    """Send the logs and events still queued in this process, before it exits or tears down."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=timeout)
+        except Exception:  # flushing is best effort; never mask the run's outcome
+            log.debug("flush of %s failed", service.__name__, exc_info=True)

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="Seconds the worker gets to stop after SIGTERM/SIGINT is forwarded to it, "
         "before it is killed with SIGKILL.",
     )
+    heartbeat_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds between prefect.flow-run.heartbeat events, sent by the guard "
+        "from claim to the end (also while the flow holds the GIL); 0 turns them off.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the runner's own log lines."
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
+import time
 import uuid
+from pathlib import Path
 
 from runner import __version__
 from runner.channel import Sender
@@ -20,7 +23,7 @@ def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
 
     Everything the guard needs to know is also sent over ``channel``: ``claimed``
     once the run is ours, ``finished`` with the final state, or ``error``."""
-    from runner.execute import flush_prefect
+    from runner.prefect_api import flush_prefect
 
     try:
         return _execute(settings, flow_run_id, channel)
@@ -30,7 +33,9 @@ def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
     except BaseException as exc:  # a bug, or a signal the engine turned into an exception
         log.debug("worker stopped by an exception", exc_info=True)
         channel.send(
-            "error", message=f"worker stopped: {type(exc).__name__}: {exc}", exit_code=ExitCode.CRASHED
+            "error",
+            message=f"worker stopped: {type(exc).__name__}: {exc}",
+            exit_code=ExitCode.CRASHED,
         )
         return int(ExitCode.CRASHED)
     finally:
@@ -41,22 +46,33 @@ def _execute(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int
     from prefect.logging.loggers import flow_run_logger
 
     from runner.execute import load_flow_code, run_in_process
-    from runner.prefect_api import PrefectApi
+    from runner.prefect_api import PrefectApi, flow_run_resources
 
+    started = time.monotonic()
     with PrefectApi.connect(flow_run_id, api_wait=settings.api_wait) as api:
         flow_run = api.claim()
-    channel.send("claimed")
+    resource, related = flow_run_resources(flow_run)
+    channel.send("claimed", resource=resource, related=related)
     run_logger = flow_run_logger(flow_run)
     run_logger.info(
-        "prefect-vm-runner %s claimed flow run %s on %s (worker pid %d)",
-        __version__, flow_run_id, socket.gethostname(), os.getpid(),
+        "prefect-vm-runner %s claimed flow run %s on %s (worker pid %d) in %.2fs",
+        __version__,
+        flow_run_id,
+        socket.gethostname(),
+        os.getpid(),
+        time.monotonic() - started,
     )
 
     run_dir = settings.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chdir(run_dir)
+    started = time.monotonic()
     flow = load_flow_code(flow_run, run_dir)
+    run_logger.info("flow code loaded into %s in %.2fs", Path.cwd(), time.monotonic() - started)
 
+    # GC stays paused through the bootstrap (bounded work, few cycles) and is on
+    # for the flow's own code.
+    gc.enable()
     state = run_in_process(flow, flow_run)
     channel.send("finished", state=state.type.value, name=state.name, message=state.message)
     return int(exit_code_for_state(state.type.value))

@@ -26,11 +26,14 @@ FLOWS_DIR = Path(__file__).resolve().parent / "flows"
 def prefect_server() -> Iterator[PrefectServer]:
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    with PrefectServer() as server, temporary_settings(
-        updates={
-            PREFECT_API_URL: server.api_url,
-            PREFECT_LOCAL_STORAGE_PATH: server.env()["PREFECT_LOCAL_STORAGE_PATH"],
-        }
+    with (
+        PrefectServer() as server,
+        temporary_settings(
+            updates={
+                PREFECT_API_URL: server.api_url,
+                PREFECT_LOCAL_STORAGE_PATH: server.env()["PREFECT_LOCAL_STORAGE_PATH"],
+            }
+        ),
     ):
         yield server
 
@@ -70,7 +73,9 @@ class RunnerResult:
 
     def error_lines(self) -> list[str]:
         """The runner's own error lines (Prefect's console lines for the flow run excluded)."""
-        return [line for line in self.stderr.splitlines() if " runner[" in line and " ERROR " in line]
+        return [
+            line for line in self.stderr.splitlines() if " runner[" in line and " ERROR " in line
+        ]
 
 
 class Runner:
@@ -98,10 +103,16 @@ class Runner:
 
     def argv(self, *args: str) -> list[str]:
         return [
-            sys.executable, "-m", "runner", *args,
-            "--workdir", str(self.workdir),
-            "--on-exit", "command",
-            "--on-exit-command", f'echo "$RUNNER_EXIT_CODE" >> {self.teardown_log}',
+            sys.executable,
+            "-m",
+            "runner",
+            *args,
+            "--workdir",
+            str(self.workdir),
+            "--on-exit",
+            "command",
+            "--on-exit-command",
+            f'echo "$RUNNER_EXIT_CODE" >> {self.teardown_log}',
         ]
 
     def written_outside_workdir(self) -> list[Path]:
@@ -110,8 +121,12 @@ class Runner:
 
     def start(self, *args: str, **env: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            self.argv(*args), env=self.env(**env), cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            self.argv(*args),
+            env=self.env(**env),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def finish(self, proc: subprocess.Popen[str], timeout: float = 120) -> RunnerResult:

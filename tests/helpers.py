@@ -29,3 +29,26 @@ def pid_alive(pid: int) -> bool:
 def unused_api_url() -> str:
     return f"http://127.0.0.1:{free_port()}/api"
 
+
+def read_events(
+    api_url: str, *, event: str, resource_id: str, at_least: int = 1, timeout: float = 30
+) -> list[dict]:
+    """Events the server stored for a resource (they are persisted in batches, so poll)."""
+    import httpx
+
+    body = {
+        "filter": {
+            "event": {"name": [event]},
+            "any_resource": {"id": [resource_id]},
+            "order": "ASC",
+        },
+        "limit": 50,
+    }
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(f"{api_url}/events/filter", json=body, timeout=10)
+        response.raise_for_status()
+        events = response.json()["events"]
+        if len(events) >= at_least or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)

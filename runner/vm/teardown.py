@@ -43,8 +43,10 @@ class Teardown:
                 command, shell=True, env=env, timeout=self._settings.on_exit_timeout, check=False
             )
         except subprocess.TimeoutExpired:
-            log.error("teardown: exit command still running after %gs; killed",
-                      self._settings.on_exit_timeout)
+            log.error(
+                "teardown: exit command still running after %gs; killed",
+                self._settings.on_exit_timeout,
+            )
             return
         if done.returncode != 0:
             log.error("teardown: exit command failed with code %d", done.returncode)

@@ -52,8 +52,10 @@ def test_segfault_and_exit_code():
 def test_guard_kill_after_grace_is_not_oom():
     ended = WorkerExit(
         status=_status_of("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"),
-        peak_rss_bytes=2 * GiB, memory_limit_bytes=2 * GiB,
-        forwarded=("SIGTERM",), killed_by_guard=True,
+        peak_rss_bytes=2 * GiB,
+        memory_limit_bytes=2 * GiB,
+        forwarded=("SIGTERM",),
+        killed_by_guard=True,
     )
     assert "did not stop after SIGTERM" in ended.describe()
     assert not ended.likely_oom()
@@ -63,4 +65,3 @@ def test_memory_limit_is_positive_and_at_most_ram():
     import psutil
 
     assert 0 < memory_limit() <= psutil.virtual_memory().total
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from pydantic import ValidationError
 
 from runner.errors import ConfigError
 from runner.settings import Settings, load_settings
@@ -30,7 +31,7 @@ def test_runner_variable_beats_prefect_worker_variable(monkeypatch):
 
 
 def test_settings_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         Settings().api_wait = 1  # type: ignore[misc]
 
 

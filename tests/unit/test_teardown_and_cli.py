@@ -13,7 +13,9 @@ from runner.vm.teardown import Teardown
 def test_teardown_command_runs_exactly_once(tmp_path):
     log = tmp_path / "teardown.log"
     settings = Settings(
-        flow_run_id="x", on_exit="command", on_exit_command=f'echo "$RUNNER_EXIT_CODE $RUNNER_FLOW_RUN_ID" >> {log}'
+        flow_run_id="x",
+        on_exit="command",
+        on_exit_command=f'echo "$RUNNER_EXIT_CODE $RUNNER_FLOW_RUN_ID" >> {log}',
     )
     teardown = Teardown(settings)
     teardown(exit_code=3)

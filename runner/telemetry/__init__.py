@@ -1,0 +1,1 @@
+"""What the runner tells Prefect about a run while it happens: heartbeats (later: metrics)."""
