@@ -6,13 +6,19 @@ UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 
 .PHONY: install demo test bench lint clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
 		|| python3 -m pip install --quiet --break-system-packages uv
 	$(UV) venv --quiet --allow-existing --python python3 $(VENV)
-	$(UV) pip install --quiet --python $(PY) -e '.[dev]'
+	$(UV) pip install --quiet --compile-bytecode --python $(PY) -e '.[dev]'
+	@touch $@
+
+# Azurite (the Azure Blob emulator the storage tests use) from package-lock.json;
+# re-run only when the lock changes.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --include=dev --loglevel=error
 	@touch $@
 
 demo: install
@@ -23,10 +29,11 @@ test: install
 
 bench: install
 	$(PY) -m bench.startup
+	$(PY) -m bench.pull
 
 lint: install
 	$(VENV)/bin/ruff check runner tests bench devtools examples
 	$(VENV)/bin/ruff format --check runner tests bench devtools examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache node_modules

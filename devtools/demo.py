@@ -1,8 +1,10 @@
-"""`make demo`: run the Coiled-guide example flow through the runner against a local server.
+"""`make demo`: run the Coiled-guide example flow through the runner, all on this machine.
 
-Starts a throwaway Prefect server (SQLite, loopback, temp home), registers the
-example flow as a deployment, creates a flow run, runs
-`python -m runner --flow-run-id ID`, prints the outcome, and stops the server.
+Starts a throwaway Prefect server (SQLite, loopback, temp home) and a local
+S3-compatible server (moto), pushes the example flow's code bundle to it with
+`python -m runner bundle push`, registers a deployment whose pull step names
+the bundle, creates a flow run, runs `python -m runner --flow-run-id ID` (which
+pulls the bundle from S3), prints the outcome, and stops both servers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 from devtools.prefect_server import PrefectServer
+from devtools.storage_servers import MotoServer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "coiled_guide"
@@ -24,9 +27,12 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="runner-demo-"))
     print(f"==> starting a local Prefect server (home {scratch / 'prefect'})", flush=True)
     started = time.monotonic()
-    with PrefectServer(scratch / "prefect") as server:
+    with PrefectServer(scratch / "prefect") as server, MotoServer() as s3:
         print(f"    up in {time.monotonic() - started:.1f}s at {server.api_url}", flush=True)
+        print(f"==> local S3 server (moto) at {s3.env()['AWS_ENDPOINT_URL']}", flush=True)
+        s3.create_bucket("flows")
         os.environ.update(server.env())
+        os.environ.update(s3.env())
         # Persist the flow's result so that this script can read it back and print it.
         os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
         from prefect.client.orchestration import get_client
@@ -42,16 +48,34 @@ def main() -> int:
             ),
             get_client(sync_client=True) as client,
         ):
+            push = [
+                sys.executable,
+                "-m",
+                "runner",
+                "bundle",
+                "push",
+                str(EXAMPLE),
+                "--to",
+                "s3://flows/coiled-guide",
+            ]
+            print(f"==> {' '.join(['python', *push[1:]])}", flush=True)
+            bundle_url = subprocess.run(
+                push, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True
+            ).stdout.strip()
+            print(f"    {bundle_url}", flush=True)
+
             flow_id = client.create_flow_from_name("my-flow")
             deployment_id = client.create_deployment(
                 flow_id=flow_id,
                 name="coiled-guide",
                 entrypoint="flow.py:my_flow",
-                path=str(EXAMPLE),
+                pull_steps=[{"runner.steps.pull_bundle": {"url": bundle_url}}],
             )
             flow_run = client.create_flow_run_from_deployment(deployment_id)
             print(
-                f"==> registered {EXAMPLE / 'flow.py'}:my_flow; flow run {flow_run.id}", flush=True
+                f"==> registered deployment coiled-guide (its pull step names the bundle); "
+                f"flow run {flow_run.id}",
+                flush=True,
             )
 
             workdir = scratch / "work"
@@ -81,7 +105,7 @@ def main() -> int:
             print(
                 "    against your own server: PREFECT_API_URL=... python -m runner --flow-run-id ID"
             )
-    print("==> local Prefect server stopped")
+    print("==> local Prefect and S3 servers stopped")
     return code
 
 

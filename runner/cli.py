@@ -19,7 +19,7 @@ log = logging.getLogger("runner")
 
 # Subcommands by name; anything else on the command line means `run` (so that
 # `python -m runner --flow-run-id ID` works as Prefect workers call it).
-COMMANDS = ("run",)
+COMMANDS = ("run", "bundle")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +64,65 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(run)
     run.set_defaults(handler=_run)
+    _add_bundle_commands(commands)
     return parser
+
+
+def _add_bundle_commands(commands: argparse._SubParsersAction) -> None:
+    bundle = commands.add_parser("bundle", help="build, push and pull code bundles")
+    actions = bundle.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    push = actions.add_parser(
+        "push",
+        help="build a deterministic bundle of PATH and upload it as <URL>/<sha256>.tar.gz",
+        description="Build a reproducible tar.gz of PATH (honouring .gitignore and "
+        ".prefectignore), name it by its sha256, upload it under --to unless it is already "
+        "there, and print its URL on stdout.",
+    )
+    push.add_argument("path", metavar="PATH", help="the project directory to bundle")
+    push.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="where bundles go: s3://bucket/prefix, gs://..., az://..., file://...",
+    )
+    push.set_defaults(handler=_bundle_push)
+    pull = actions.add_parser(
+        "pull",
+        help="fetch a bundle into the cache (image builds), optionally extracting it",
+        description="Download and verify the bundle at URL into <workdir>/cache/bundles, so "
+        "that a runner using the same workdir starts without downloading it.",
+    )
+    pull.add_argument("url", metavar="URL", help="a bundle URL as `bundle push` prints it")
+    pull.add_argument("--into", metavar="DIR", help="also extract the bundle into DIR")
+    pull.add_argument(
+        "--workdir",
+        metavar="DIR",
+        default=None,
+        help=f"{Settings.model_fields['workdir'].description} [env RUNNER_WORKDIR]",
+    )
+    pull.set_defaults(handler=_bundle_pull)
+
+
+def _bundle_push(args: argparse.Namespace) -> int:
+    _configure_logging("INFO")
+    from runner.steps import push_bundle
+
+    print(push_bundle(args.to, args.path)["url"])
+    return ExitCode.COMPLETED
+
+
+def _bundle_pull(args: argparse.Namespace) -> int:
+    settings = load_settings(workdir=args.workdir)
+    _configure_logging(settings.log_level)
+    from pathlib import Path
+
+    from runner.code import fetch, pull
+
+    if args.into:
+        pull(args.url, Path(args.into), settings=settings, say=log.info)
+    else:
+        print(fetch(args.url, settings=settings, say=log.info).archive)
+    return ExitCode.COMPLETED
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:

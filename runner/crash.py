@@ -9,6 +9,8 @@ from pathlib import Path
 
 import psutil
 
+from runner.units import human_bytes
+
 # A SIGKILL with the peak RSS this close to the limit is almost always the OOM killer.
 _OOM_FRACTION = 0.9
 
@@ -53,10 +55,8 @@ class WorkerExit:
                 how += f" (forwarded by the guard: {', '.join(self.forwarded)})"
         else:
             how = f"worker process exited with code {self.exit_code} before reporting a final state"
-        memory = (
-            f"peak RSS {_human(self.peak_rss_bytes)} of {_human(self.memory_limit_bytes)} "
-            "memory limit"
-        )
+        peak, limit = human_bytes(self.peak_rss_bytes), human_bytes(self.memory_limit_bytes)
+        memory = f"peak RSS {peak} of {limit} memory limit"
         oom = "; likely out of memory" if self.likely_oom() else ""
         return f"{how}; {memory}{oom}"
 
@@ -87,12 +87,3 @@ def _cgroup_file(name: str) -> str | None:
         return (Path("/sys/fs/cgroup") / relative / name).read_text()
     except (OSError, IndexError):
         return None
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"

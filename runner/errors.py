@@ -6,10 +6,18 @@ guard and the CLI only ever see this tree::
 
     RunnerError                      base; never raised directly
     ├── ConfigError                  exit 2  bad flag, setting or flow run id
-    │   └── FlowRunNotFound                  the API has no such flow run
+    │   ├── FlowRunNotFound                  the API has no such flow run
+    │   ├── UnsupportedUrl                   a storage URL with a scheme no backend serves
+    │   └── MissingDependency                an optional SDK is not installed (says the pip command)
     ├── BootstrapError               exit 3  infrastructure fault before the flow ran
     │   ├── ApiUnreachable                   Prefect API not reachable within --api-wait
-    │   └── CodeLoadError                    the deployment's code could not be loaded
+    │   ├── CodeLoadError                    the deployment's code could not be loaded
+    │   ├── StorageError                     a bucket operation failed
+    │   │   ├── StorageNotFound              the object or its bucket/container does not exist
+    │   │   ├── AccessDenied                 credentials missing or not allowed
+    │   │   └── TransientStorageError        worth retrying: 5xx, throttling, timeouts, resets
+    │   └── BundleError                      the bundle is unusable: digest mismatch, corrupt,
+    │                                        unsafe member, too large, shadows the runner
     └── NotExecuted                  exit 4  run already claimed, running or final
 
 Outcomes that are not exceptions but still have a code: the flow ran and
@@ -56,6 +64,34 @@ class ApiUnreachable(BootstrapError):
 
 
 class CodeLoadError(BootstrapError):
+    pass
+
+
+class UnsupportedUrl(ConfigError):
+    pass
+
+
+class MissingDependency(ConfigError):
+    pass
+
+
+class StorageError(BootstrapError):
+    pass
+
+
+class StorageNotFound(StorageError):
+    pass
+
+
+class AccessDenied(StorageError):
+    pass
+
+
+class TransientStorageError(StorageError):
+    pass
+
+
+class BundleError(BootstrapError):
     pass
 
 

@@ -1,50 +1,90 @@
-"""Load a flow run's code and run it in this process through Prefect's flow engine."""
+"""Put a flow run's code in place, import its flow, and run it in this process through
+Prefect's flow engine."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import os
 import sys
 from pathlib import Path
 
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import DeploymentResponse
+from prefect.deployments.steps.core import run_steps
 from prefect.flow_engine import load_flow, run_flow
-from prefect.flows import Flow
-from prefect.logging.loggers import flow_run_logger
+from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import State
+from prefect.utilities.asyncutils import run_coro_as_sync
 
-from runner.errors import CodeLoadError
+from runner import code
+from runner.errors import CodeLoadError, RunnerError
+from runner.settings import Settings
 
 
-def load_flow_code(flow_run: FlowRun, workdir: Path) -> Flow:
-    """Place the deployment's code in ``workdir`` (its storage or pull steps, run by
-    Prefect's own step runner) and import the flow from its entrypoint."""
-    if flow_run.deployment_id is None:
+def load_flow_code(
+    flow_run: FlowRun,
+    deployment: DeploymentResponse | None,
+    *,
+    settings: Settings,
+    run_dir: Path,
+    run_logger: logging.LoggerAdapter,
+) -> Flow:
+    """Place the code in ``run_dir`` and import the flow from the deployment's entrypoint.
+
+    With a code bundle (``--code-url``, the ``code_url`` job variable, or a
+    ``runner.steps.pull_bundle`` step) the runner pulls it itself, then runs the
+    deployment's other pull steps through Prefect's step runner; without one,
+    Prefect's own loader handles the deployment's storage, path and pull steps."""
+    if deployment is None:
         raise CodeLoadError(
             f"flow run {flow_run.id} has no deployment, so there is no code to load; "
             "create it from a deployment"
         )
-    run_logger = flow_run_logger(flow_run)
     try:
-        return load_flow(flow_run)
+        url = code.bundle_url(settings, flow_run, deployment)
+        if url is None:
+            return load_flow(flow_run)
+        pulled = code.pull(url, run_dir / "code", settings=settings, say=run_logger.info)
+        os.chdir(pulled.directory)
+        steps = [s for s in deployment.pull_steps or [] if not code.is_pull_bundle_step(s)]
+        if steps:
+            output = run_coro_as_sync(
+                run_steps(
+                    steps,
+                    print_function=run_logger.info,
+                    deployment=deployment,
+                    flow_run=flow_run,
+                    logger=run_logger,
+                )
+            )
+            if output and output.get("directory"):
+                os.chdir(output["directory"])
+        sys.path.insert(0, os.getcwd())
+        return load_flow_from_entrypoint(deployment.entrypoint, use_placeholder_flow=False)
+    except RunnerError:
+        raise
     except Exception as exc:
         root = exc.__cause__ or getattr(exc, "user_exc", None) or exc
         run_logger.error("Could not load the flow's code", exc_info=True)
         raise CodeLoadError(
-            f"could not load the flow's code for deployment {flow_run.deployment_id} "
-            f"in {workdir}: {type(root).__name__}: {root}"
+            f"could not load the flow's code for deployment {deployment.name!r} "
+            f"(entrypoint {deployment.entrypoint}): {type(root).__name__}: {root}"
         ) from exc
     finally:
         # Pull steps may chdir; the flow's own imports resolve from where it landed.
-        if str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
 
 
 def run_in_process(flow: Flow, flow_run: FlowRun) -> State:
     """Run the flow through the engine, which reports Running and the final state itself."""
     # The guard sends this run's heartbeats; the engine's own heartbeat thread would
     # double them, and the engine waits up to a second for it to stop at the end.
+    from prefect.logging.loggers import flow_run_logger
+
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         state = run_flow(
             flow, flow_run=flow_run, return_type="state", error_logger=flow_run_logger(flow_run)

@@ -20,13 +20,19 @@ import prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.responses import SetStateStatus
+from prefect.client.schemas.responses import DeploymentResponse, SetStateStatus
 from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
 from prefect.states import Crashed, Pending
 
-from runner.errors import ApiUnreachable, ConfigError, FlowRunNotFound, NotExecuted
+from runner.errors import (
+    ApiUnreachable,
+    CodeLoadError,
+    ConfigError,
+    FlowRunNotFound,
+    NotExecuted,
+)
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -116,6 +122,18 @@ class PrefectApi:
             raise NotExecuted(f"flow run {self.flow_run_id} could not be claimed: {reason}")
         flow_run.state = result.state
         return flow_run
+
+    def read_deployment(self, deployment_id: uuid.UUID) -> DeploymentResponse:
+        try:
+            return self._client.read_deployment(deployment_id)
+        except ObjectNotFound:
+            raise CodeLoadError(
+                f"deployment {deployment_id} of the flow run no longer exists"
+            ) from None
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(
+                f"Prefect API unreachable while reading the deployment: {exc}"
+            ) from exc
 
     def state_type(self) -> str | None:
         """The run's current state type (``RUNNING``, ``COMPLETED``...), None if it has none."""

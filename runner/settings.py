@@ -35,6 +35,20 @@ class Settings(BaseSettings):
         description="Directory the runner owns: each run gets <workdir>/runs/<flow-run-id>, "
         "where the flow's code is placed and the flow runs.",
     )
+    code_url: str | None = Field(
+        default=None,
+        description="URL of the flow's code bundle (s3://, gs://, az://, abfs[s]://, https://, "
+        "file:// or a path): .../<sha256>.tar.gz or any URL with #sha256=<hex>. Default: the "
+        "flow run's code_url job variable, else the deployment's runner.steps.pull_bundle step.",
+    )
+    max_bundle_bytes: int = Field(
+        default=4 * 1024**3,
+        gt=0,
+        description="Largest expanded size a code bundle may have, in bytes (zip-bomb guard).",
+    )
+    max_bundle_files: int = Field(
+        default=200_000, gt=0, description="Most members a code bundle may have."
+    )
     on_exit: Literal["none", "command"] = Field(
         default="none",
         description="What to do once the run is over, whatever its outcome: 'none', or "

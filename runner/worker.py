@@ -51,23 +51,26 @@ def _execute(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int
     started = time.monotonic()
     with PrefectApi.connect(flow_run_id, api_wait=settings.api_wait) as api:
         flow_run = api.claim()
-    resource, related = flow_run_resources(flow_run)
-    channel.send("claimed", resource=resource, related=related)
-    run_logger = flow_run_logger(flow_run)
-    run_logger.info(
-        "prefect-vm-runner %s claimed flow run %s on %s (worker pid %d) in %.2fs",
-        __version__,
-        flow_run_id,
-        socket.gethostname(),
-        os.getpid(),
-        time.monotonic() - started,
-    )
+        resource, related = flow_run_resources(flow_run)
+        channel.send("claimed", resource=resource, related=related)
+        run_logger = flow_run_logger(flow_run)
+        run_logger.info(
+            "prefect-vm-runner %s claimed flow run %s on %s (worker pid %d) in %.2fs",
+            __version__,
+            flow_run_id,
+            socket.gethostname(),
+            os.getpid(),
+            time.monotonic() - started,
+        )
+        deployment = api.read_deployment(flow_run.deployment_id) if flow_run.deployment_id else None
 
     run_dir = settings.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chdir(run_dir)
     started = time.monotonic()
-    flow = load_flow_code(flow_run, run_dir)
+    flow = load_flow_code(
+        flow_run, deployment, settings=settings, run_dir=run_dir, run_logger=run_logger
+    )
     run_logger.info("flow code loaded into %s in %.2fs", Path.cwd(), time.monotonic() - started)
 
     # GC stays paused through the bootstrap (bounded work, few cycles) and is on

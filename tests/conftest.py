@@ -17,6 +17,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-test-home
 import pytest  # noqa: E402
 
 from devtools.prefect_server import PrefectServer  # noqa: E402
+from devtools.storage_servers import MotoServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWS_DIR = Path(__file__).resolve().parent / "flows"
@@ -38,6 +39,24 @@ def prefect_server() -> Iterator[PrefectServer]:
         yield server
 
 
+# S3 servers are shared by the storage suite and the end-to-end tests.
+BUCKET = "conformance"  # the one bucket/container each storage server gets
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto_iam() -> Iterator[MotoServer]:
+    """A moto server that refuses every request not signed by an IAM user it knows."""
+    with MotoServer(enforce_iam=True) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def client(prefect_server: PrefectServer):
     from prefect.client.orchestration import get_client
@@ -48,17 +67,32 @@ def client(prefect_server: PrefectServer):
 
 @pytest.fixture
 def flow_run(client):
-    """``flow_run("hello", n=3)``: a new Scheduled flow run of a deployment of tests/flows."""
+    """``flow_run("hello", n=3)``: a new Scheduled flow run of a deployment of tests/flows.
 
-    def create(flow_name: str, *, entrypoint: str | None = None, **parameters: object):
+    By default the deployment's code is the local directory tests/flows; pass
+    ``pull_steps`` (and ``path=None``) for code that comes from a bundle, and
+    ``job_variables`` for the run's own."""
+
+    def create(
+        flow_name: str,
+        *,
+        entrypoint: str | None = None,
+        path: str | None = str(FLOWS_DIR),
+        pull_steps: list[dict] | None = None,
+        job_variables: dict | None = None,
+        **parameters: object,
+    ):
         flow_id = client.create_flow_from_name(flow_name.replace("_", "-"))
         deployment_id = client.create_deployment(
             flow_id=flow_id,
             name=f"test-{uuid.uuid4().hex[:8]}",
             entrypoint=entrypoint or f"flows.py:{flow_name}",
-            path=str(FLOWS_DIR),
+            path=path,
+            pull_steps=pull_steps,
         )
-        return client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        return client.create_flow_run_from_deployment(
+            deployment_id, parameters=parameters, job_variables=job_variables
+        )
 
     return create
 

@@ -52,3 +52,34 @@ def read_events(
         if len(events) >= at_least or time.monotonic() > deadline:
             return events
         time.sleep(0.5)
+
+
+def hostile_bundle(dest_dir: Path, *members: tuple[str, str, str]) -> Path:
+    """A tar.gz named by its own sha256, with members given as (name, kind, data-or-link);
+    kind is "file", "symlink", "hardlink" or "dir". For bundles `bundle push` would never make."""
+    import hashlib
+    import io
+    import tarfile
+
+    kinds = {
+        "file": tarfile.REGTYPE,
+        "symlink": tarfile.SYMTYPE,
+        "hardlink": tarfile.LNKTYPE,
+        "dir": tarfile.DIRTYPE,
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            info.type = kinds[kind]
+            if kind == "file":
+                data = value.encode()
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.linkname = value
+                tar.addfile(info)
+    data = buffer.getvalue()
+    path = dest_dir / f"{hashlib.sha256(data).hexdigest()}.tar.gz"
+    path.write_bytes(data)
+    return path

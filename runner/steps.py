@@ -1,0 +1,58 @@
+"""Deployment steps for prefect.yaml: ``runner.steps.push_bundle`` and ``runner.steps.pull_bundle``.
+
+    push:
+      - runner.steps.push_bundle:
+          id: bundle
+          path: .
+          to: s3://my-bucket/flows
+    pull:
+      - runner.steps.pull_bundle:
+          url: "{{ bundle.url }}"
+
+Settings (cache location, limits) come from the ``RUNNER_*`` environment, as
+for the runner itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from runner.bundle import build
+from runner.code import pull
+from runner.settings import load_settings
+from runner.storage import join, resolve
+
+log = logging.getLogger("runner")
+
+
+def push_bundle(to: str, path: str = ".") -> dict[str, str]:
+    """Build the bundle of ``path`` and upload it under ``to`` unless already there;
+    returns ``{"url": ..., "sha256": ...}`` for templating later steps."""
+    with tempfile.TemporaryDirectory(prefix="runner-bundle-") as tmp:
+        built = build(Path(path), Path(tmp))
+        url = join(to, built.path.name)
+        storage, key = resolve(url)
+        if storage.exists(key):
+            log.info("bundle %s already at %s; not uploading", built.sha256[:12], url)
+        else:
+            log.info(
+                "uploading bundle %s (%d files, %d bytes) to %s",
+                built.sha256[:12],
+                built.files,
+                built.size,
+                url,
+            )
+            storage.upload(built.path, key)
+    return {"url": url, "sha256": built.sha256}
+
+
+def pull_bundle(url: str, directory: str | None = None) -> dict[str, str]:
+    """Fetch and extract the bundle at ``url`` into ``directory`` (default: a new
+    ``code`` directory under the current one); returns ``{"directory": ...}``, which
+    Prefect's step runner makes the working directory."""
+    dest = Path(directory or Path.cwd() / "code").resolve()
+    pull(url, dest, settings=load_settings(), say=log.info)
+    return {"directory": os.fspath(dest)}

@@ -1,0 +1,216 @@
+"""Bundles: reproducible builds, ignore files, digest naming, and safe extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from runner.bundle import BundleCache, BundleRef, Limits, build, extract, parse_url
+from runner.errors import BundleError, ConfigError
+
+LIMITS = Limits(max_bytes=10 * 1024 * 1024, max_files=1000)
+SHA = "a" * 64
+
+
+def _project(root: Path) -> Path:
+    (root / "pkg").mkdir(parents=True)
+    (root / "flow.py").write_text("print('flow')\n")
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "data.csv").write_text("a,b\n1,2\n")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "ignored.log").write_text("noise")
+    (root / "build").mkdir()
+    (root / "build" / "artifact.bin").write_bytes(b"\0" * 100)
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "flow.cpython-311.pyc").write_bytes(b"pyc")
+    (root / ".gitignore").write_text("*.log\n")
+    (root / ".prefectignore").write_text("build/\n")
+    return root
+
+
+def _names(archive: Path) -> list[str]:
+    with tarfile.open(archive) as tar:
+        return tar.getnames()
+
+
+def test_build_is_reproducible_and_named_by_digest(tmp_path):
+    source = _project(tmp_path / "src")
+    (tmp_path / "a").mkdir()
+    first = build(source, tmp_path / "a")
+    (source / "flow.py").touch()  # a new mtime must not change the bytes
+    second_dir = tmp_path / "b"
+    second_dir.mkdir()
+    second = build(source, second_dir)
+    assert first.sha256 == second.sha256
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.path.name == f"{hashlib.sha256(first.path.read_bytes()).hexdigest()}.tar.gz"
+
+
+def test_build_honours_ignore_files_and_normalises_metadata(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    built = build(_project(tmp_path / "src"), out)
+    names = _names(built.path)
+    assert names == sorted(names)
+    assert "flow.py" in names and "pkg/data.csv" in names and ".gitignore" in names
+    assert not any(n.endswith(".log") or n.startswith("build") or "__pycache__" in n for n in names)
+    with tarfile.open(built.path) as tar:
+        for member in tar:
+            assert (member.mtime, member.uid, member.gid, member.uname) == (0, 0, 0, "")
+        assert tar.getmember("run.sh").mode == 0o755
+        assert tar.getmember("flow.py").mode == 0o644
+
+
+def test_build_warns_about_likely_secrets(tmp_path, caplog):
+    source = _project(tmp_path / "src")
+    (source / ".env").write_text("TOKEN=hunter2\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        build(source, out)
+    assert any(".env" in r.getMessage() and "secret" in r.getMessage() for r in caplog.records)
+    assert "hunter2" not in caplog.text
+
+
+@pytest.mark.parametrize("shadow", ["runner.py", "runner/__init__.py"])
+def test_build_refuses_a_top_level_runner_module(tmp_path, shadow):
+    source = tmp_path / "src"
+    (source / Path(shadow).parent).mkdir(parents=True, exist_ok=True)
+    (source / shadow).write_text("")
+    with pytest.raises(BundleError, match="rename it"):
+        build(source, tmp_path)
+
+
+def test_round_trip_extracts_the_tree(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    built = build(_project(tmp_path / "src"), out)
+    dest = tmp_path / "work" / "code"
+    written = extract(built.path, dest, limits=LIMITS)
+    assert (dest / "pkg" / "data.csv").read_text() == "a,b\n1,2\n"
+    assert written == sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    assert not dest.with_name("code.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"s3://b/p/{SHA}.tar.gz", BundleRef(f"s3://b/p/{SHA}.tar.gz", SHA)),
+        (f"https://h/x.tgz?sig=1#sha256={SHA}", BundleRef("https://h/x.tgz?sig=1", SHA)),
+        (
+            f"https://h/p/{SHA}.tar.gz?X-Amz-Signature=s",
+            BundleRef(f"https://h/p/{SHA}.tar.gz?X-Amz-Signature=s", SHA),
+        ),
+    ],
+)
+def test_digest_comes_from_the_name_or_the_fragment(url, expected):
+    assert parse_url(url) == expected
+
+
+def test_url_without_digest_is_a_config_error_without_the_signature():
+    with pytest.raises(ConfigError, match="names no digest") as err:
+        parse_url("https://h/code.tar.gz?X-Amz-Signature=topsecret")
+    assert "topsecret" not in str(err.value)
+
+
+# --- hostile archives ----------------------------------------------------------------
+
+
+def _archive(tmp_path: Path, *members: tarfile.TarInfo, data: bytes = b"x") -> Path:
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for member in members:
+            if member.isreg():
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+            else:
+                tar.addfile(member)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (_member("/abs/file.txt"), "absolute path"),
+        (_member("../escape.txt"), "'..' component"),
+        (_member("a/../b.txt"), "'..' component"),
+        (_member("link", tarfile.SYMTYPE, "/etc/passwd"), "absolute path"),
+        (_member("link", tarfile.SYMTYPE, "../../outside"), "outside the extraction directory"),
+        (_member("hard", tarfile.LNKTYPE, "../outside"), "outside the extraction directory"),
+        (_member("dev", tarfile.CHRTYPE), "device or special file"),
+        (_member("runner/__init__.py"), "rename it"),
+    ],
+)
+def test_unsafe_members_are_rejected_and_nothing_is_written(tmp_path, member, reason):
+    archive = _archive(tmp_path, _member("ok.txt"), member)
+    dest = tmp_path / "work" / "code"
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(BundleError) as err:
+        extract(archive, dest, limits=LIMITS)
+    assert reason in str(err.value)
+    assert member.name in str(err.value) or reason == "rename it"
+    assert not dest.exists() and not dest.with_name("code.partial").exists()
+    assert sorted(tmp_path.rglob("*")) == before + [tmp_path / "work"]
+
+
+def test_too_large_and_too_many_are_rejected(tmp_path):
+    big = _archive(tmp_path, _member("big.bin"), data=b"\0" * 4096)
+    with pytest.raises(BundleError, match="expands to more than 1000 bytes"):
+        extract(big, tmp_path / "a", limits=Limits(max_bytes=1000, max_files=10))
+    many = _archive(tmp_path, *(_member(f"f{i}") for i in range(5)))
+    with pytest.raises(BundleError, match="more than 3 members"):
+        extract(many, tmp_path / "b", limits=Limits(max_bytes=10**6, max_files=3))
+
+
+def test_truncated_and_corrupt_archives(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    built = build(_project(tmp_path / "src"), out)
+    data = built.path.read_bytes()
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="corrupt or truncated"):
+        extract(truncated, tmp_path / "t", limits=LIMITS)
+    garbage = tmp_path / "garbage.tar.gz"
+    garbage.write_bytes(b"this is not a tarball" * 10)
+    with pytest.raises(BundleError, match="corrupt or truncated"):
+        extract(garbage, tmp_path / "g", limits=LIMITS)
+
+
+def test_cache_verifies_digest_and_serves_hits(tmp_path):
+    cache = BundleCache(tmp_path / "cache")
+    payload = b"bundle bytes"
+    digest = hashlib.sha256(payload).hexdigest()
+    calls = []
+
+    def download(dest: Path) -> str:
+        calls.append(dest)
+        dest.write_bytes(payload)
+        return hashlib.sha256(payload).hexdigest()
+
+    ref = BundleRef("file:///x", digest)
+    path, hit = cache.fetch(ref, download)
+    assert (path.read_bytes(), hit) == (payload, False)
+    path, hit = cache.fetch(ref, download)
+    assert hit and len(calls) == 1
+
+    wrong = BundleRef("file:///y", "b" * 64)
+    with pytest.raises(BundleError, match="digest mismatch"):
+        cache.fetch(wrong, download)
+    assert not cache.path("b" * 64).exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == [
+        path.name
+    ]
