@@ -6,7 +6,7 @@ UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 
 .PHONY: install demo test bench lint clean
 
-install: $(VENV)/.installed node_modules/.installed
+install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
@@ -24,7 +24,7 @@ node_modules/.installed: package.json package-lock.json
 demo: install
 	$(PY) -m devtools.demo
 
-test: install
+test: install node_modules/.installed
 	$(PY) -m pytest
 
 bench: install

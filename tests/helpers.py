@@ -54,7 +54,7 @@ def read_events(
         time.sleep(0.5)
 
 
-def hostile_bundle(dest_dir: Path, *members: tuple[str, str, str]) -> Path:
+def crafted_bundle(dest_dir: Path, *members: tuple[str, str, str]) -> Path:
     """A tar.gz named by its own sha256, with members given as (name, kind, data-or-link);
     kind is "file", "symlink", "hardlink" or "dir". For bundles `bundle push` would never make."""
     import hashlib

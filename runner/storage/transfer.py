@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from runner.errors import TransientStorageError
+from runner.storage import redact
 from runner.storage.base import Storage
 
 log = logging.getLogger("runner")
@@ -56,7 +57,8 @@ def download(
     strictly in order, so memory stays bounded (concurrency x part size) and
     the digest is ready the moment the last byte lands: no second pass."""
     started = time.monotonic()
-    size = _with_retries(lambda: storage.size(key), config, what=f"size of {key}")
+    name = redact(storage.url(key))  # for messages: no signature or credentials
+    size = _with_retries(lambda: storage.size(key), config, what=f"size of {name}")
     hasher = hashlib.sha256()
     done = 0
     starts = deque(range(0, size, config.part_size))
@@ -66,7 +68,7 @@ def download(
         def submit_next() -> None:
             start = starts.popleft()
             length = min(config.part_size, size - start)
-            in_flight.append(pool.submit(_read_part, storage, key, start, length, config))
+            in_flight.append(pool.submit(_read_part, storage, key, name, start, length, config))
 
         while starts and len(in_flight) < config.concurrency:
             submit_next()
@@ -83,17 +85,17 @@ def download(
 
 
 def _read_part(
-    storage: Storage, key: str, start: int, length: int, config: TransferConfig
+    storage: Storage, key: str, name: str, start: int, length: int, config: TransferConfig
 ) -> bytes:
     def read() -> bytes:
         data = storage.read_range(key, start, length)
         if len(data) != length:  # a dropped connection can look like a short body
             raise TransientStorageError(
-                f"short read of {key} at byte {start}: got {len(data)} of {length} bytes"
+                f"short read of {name} at byte {start}: got {len(data)} of {length} bytes"
             )
         return data
 
-    return _with_retries(read, config, what=f"bytes {start}-{start + length - 1} of {key}")
+    return _with_retries(read, config, what=f"bytes {start}-{start + length - 1} of {name}")
 
 
 def _with_retries(call: Callable[[], T], config: TransferConfig, *, what: str) -> T:

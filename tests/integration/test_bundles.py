@@ -4,6 +4,7 @@ every bad bundle ends the run Crashed with one clear line."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 import uuid
@@ -14,7 +15,7 @@ import pytest
 
 from runner.storage import resolve
 from tests.conftest import FLOWS_DIR, REPO
-from tests.helpers import hostile_bundle
+from tests.helpers import crafted_bundle
 
 STEP = "runner.steps.pull_bundle"
 
@@ -148,16 +149,16 @@ def _bad_bundle(case: str, store: Store, tmp_path: Path, good_url: str) -> tuple
         return store.put(cut, f"{hashlib.sha256(cut.read_bytes()).hexdigest()}.tar.gz"), []
     if case == "path traversal":
         return store.put(
-            hostile_bundle(local, ("flows.py", "file", ""), ("../evil.py", "file", "x"))
+            crafted_bundle(local, ("flows.py", "file", ""), ("../evil.py", "file", "x"))
         ), []
     if case == "link escape":
         return store.put(
-            hostile_bundle(local, ("flows.py", "file", ""), ("data", "symlink", "../../../../etc"))
+            crafted_bundle(local, ("flows.py", "file", ""), ("data", "symlink", "../../../../etc"))
         ), []
     if case == "oversize":
         return good_url, ["--max-bundle-bytes", "100"]
     if case == "runner shadowing":
-        return store.put(hostile_bundle(local, ("runner/__init__.py", "file", ""))), []
+        return store.put(crafted_bundle(local, ("runner/__init__.py", "file", ""))), []
     if case == "unknown scheme":
         return f"ftp://example.invalid/flows/{'2' * 64}.tar.gz", []
     if case == "missing bucket":
@@ -235,3 +236,39 @@ def test_bad_bundles_crash_the_run_with_one_clear_line(
     assert (
         not (tmp_path / "evil.py").exists() and not (result.workdir / "runs" / "evil.py").exists()
     )
+
+
+def test_other_pull_steps_run_after_the_bundle(runner, store, flow_run, client, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(FLOWS_DIR, project / "flows_pkg")
+    url = _push(runner, store, project).stdout.strip()
+    steps = [
+        {STEP: {"url": url}},
+        {"prefect.deployments.steps.set_working_directory": {"directory": "flows_pkg"}},
+    ]
+    run = flow_run("hello", n=5, path=None, pull_steps=steps)
+
+    result = runner.run("--flow-run-id", str(run.id), **store.env)
+
+    assert result.returncode == 0, result.stderr
+    assert client.read_flow_run(run.id).state.result() == 10
+
+
+def test_presigned_https_bundle_survives_transient_errors(runner, flow_run, client, tmp_path):
+    from devtools.storage_servers import HttpFileServer
+
+    with HttpFileServer(tmp_path / "www") as server:
+        (tmp_path / "www").mkdir(exist_ok=True)
+        built = crafted_bundle(
+            tmp_path / "www", ("flows.py", "file", (FLOWS_DIR / "flows.py").read_text())
+        )
+        url = f"{server.url}/{built.name}?X-Amz-Signature=not-a-real-one"
+        server.fail(503, times=2)  # the first two requests get "Service Unavailable"
+        run = flow_run("hello", n=6, path=None, pull_steps=[{STEP: {"url": url}}])
+
+        result = runner.run("--flow-run-id", str(run.id))
+
+    assert result.returncode == 0, result.stderr
+    assert client.read_flow_run(run.id).state.result() == 12
+    assert "retry 1 of" in result.stderr and "not-a-real-one" not in result.stderr
+    assert "not-a-real-one" not in _logs(client, run.id)
