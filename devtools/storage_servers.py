@@ -16,127 +16,27 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from devtools.prefect_server import free_port
+from devtools.server_process import HOST, ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 
 # Azurite's fixed development account (public, documented by Microsoft; not a secret).
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
-
-
-S = TypeVar("S", bound="ServerProcess")
-
-
-class ServerProcess:
-    """A server command in its own session with its log and data in a temp dir; ready
-    once its ``health_path`` answers HTTP (any status); stopped by process group."""
-
-    name = "server"
-    health_path = "/"
-
-    def __init__(self, *, start_timeout: float = 60.0) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
-        self.log_path = self.dir / "server.log"
-        self._start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def process_env(self) -> dict[str, str]:
-        """Extra environment for the server process itself."""
-        return {}
-
-    def env(self) -> dict[str, str]:
-        """Environment for a client of this server."""
-        raise NotImplementedError
-
-    def __enter__(self: S) -> S:
-        try:
-            self.start()
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-        return self
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(
-                self.command(),
-                env={**os.environ, **self.process_env()},
-                cwd=self.dir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group, so stop() reaches children
-            )
-        self._wait_healthy()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self._start_timeout
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited early with code {self._proc.returncode}:\n"
-                    f"{self.log_tail()}"
-                )
-            try:
-                httpx.get(self.url + self.health_path, timeout=2)
-                return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(
-            f"{self.name} not answering on {self.url} after {self._start_timeout}s:\n"
-            f"{self.log_tail()}"
-        )
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except FileNotFoundError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class MotoServer(ServerProcess):
@@ -154,7 +54,7 @@ class MotoServer(ServerProcess):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
 
-    def process_env(self) -> dict[str, str]:
+    def process_env(self) -> dict[str, str | None]:
         return {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.enforce_iam else {}
 
     def env(self) -> dict[str, str]:

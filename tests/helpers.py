@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from devtools.prefect_server import free_port
+from devtools.server_process import free_port
 
 
 def wait_for_file(path: Path, timeout: float = 60) -> str:

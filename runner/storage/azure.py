@@ -18,6 +18,7 @@ from runner.errors import (
     UnsupportedUrl,
 )
 from runner.storage import missing_sdk, redact
+from runner.storage.base import ExistsBySize
 
 CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
 ACCOUNT_NAME = "AZURE_STORAGE_ACCOUNT_NAME"
@@ -136,7 +137,7 @@ def _default_credential() -> Any:
     return DefaultAzureCredential()
 
 
-class AzureBlobStorage:
+class AzureBlobStorage(ExistsBySize):
     """One container. The service client is thread-safe; every call shares it."""
 
     def __init__(self, location: Location, *, service: Any) -> None:
@@ -150,13 +151,6 @@ class AzureBlobStorage:
     def size(self, key: str) -> int:
         with self._translated(key):
             return int(self._container.get_blob_client(key).get_blob_properties().size)
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except StorageNotFound:
-            return False
-        return True
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         if length <= 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from runner.errors import StorageNotFound
+
 
 @runtime_checkable
 class Storage(Protocol):
@@ -44,3 +46,15 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]: ...
 
     def url(self, key: str) -> str: ...
+
+
+class ExistsBySize:
+    """``exists`` for a backend whose ``size`` raises ``StorageNotFound`` for a missing
+    object, as the contract requires: one request, and no second way to get it wrong."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)  # type: ignore[attr-defined]
+        except StorageNotFound:
+            return False
+        return True

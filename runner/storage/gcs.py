@@ -9,6 +9,7 @@ from typing import Any
 
 from runner.errors import AccessDenied, StorageError, StorageNotFound, TransientStorageError
 from runner.storage import bucket_and_key, missing_sdk
+from runner.storage.base import ExistsBySize
 
 # The SDK's default retry keeps trying for two minutes; a few seconds absorbs a blip,
 # and longer backoff is the caller's job (it retries TransientStorageError).
@@ -22,7 +23,7 @@ def from_url(url: str) -> tuple[GCSStorage, str]:
     return GCSStorage(bucket), key
 
 
-class GCSStorage:
+class GCSStorage(ExistsBySize):
     """One bucket. Credentials come from google.auth's default chain (service account,
     workload identity, ``gcloud auth application-default login``); with
     ``STORAGE_EMULATOR_HOST`` set the SDK talks to that emulator, anonymously."""
@@ -47,13 +48,6 @@ class GCSStorage:
             self._check_bucket(key)  # a 404 on an object does not say which is missing
             raise
         return int(blob.size or 0)
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except StorageNotFound:
-            return False
-        return True
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         if length <= 0:

@@ -17,6 +17,7 @@ from runner.errors import (
     UnsupportedUrl,
 )
 from runner.storage import redact
+from runner.storage.base import ExistsBySize
 
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 _TOTAL = re.compile(r"^bytes (?:\d+-\d+|\*)/(\d+)$")
@@ -27,7 +28,7 @@ def from_url(url: str) -> tuple[HttpStorage, str]:
     return HttpStorage(), url
 
 
-class HttpStorage:
+class HttpStorage(ExistsBySize):
     """Objects addressed by their own URL. Presigned URLs are signed for one method,
     so the size comes from a one-byte ranged GET rather than a HEAD."""
 
@@ -59,13 +60,6 @@ class HttpStorage:
                 f"{redact(key)} did not say its size (no Content-Range or Content-Length): "
                 "serve it from a server that supports Range requests"
             )
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except StorageNotFound:
-            return False
-        return True
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         if length <= 0:

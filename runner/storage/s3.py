@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from runner.errors import AccessDenied, StorageError, StorageNotFound, TransientStorageError
 from runner.storage import bucket_and_key, missing_sdk
+from runner.storage.base import ExistsBySize
 
 # A few quick attempts inside boto3 absorb a blip; longer backoff is the caller's job
 # (it retries TransientStorageError), so the two do not multiply into minutes.
@@ -45,7 +46,7 @@ def from_url(url: str) -> tuple[S3Storage, str]:
     return S3Storage(bucket), key
 
 
-class S3Storage:
+class S3Storage(ExistsBySize):
     """One bucket. Credentials, region and endpoint (``AWS_ENDPOINT_URL``) come from
     boto3's default chain; the client is thread-safe, so one serves every thread."""
 
@@ -64,13 +65,6 @@ class S3Storage:
             # A HEAD answer has no body, so 404 does not say whether the bucket exists.
             self._check_bucket(key)
             raise
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except StorageNotFound:
-            return False
-        return True
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         if length <= 0:

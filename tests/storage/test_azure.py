@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from devtools.prefect_server import free_port
+from devtools.server_process import free_port
 from devtools.storage_servers import AZURITE_ACCOUNT, Azurite
 from runner.errors import AccessDenied, TransientStorageError
 from runner.storage import resolve
 from runner.storage.azure import parse, service_client
 from tests.storage.conftest import BUCKET, use_env
+from tests.storage.denied import assert_every_call_denied
 
 WRONG_KEY = base64.b64encode(
     b"a key Azurite does not know, 64 bytes long....................."
@@ -26,22 +27,9 @@ def test_wrong_account_key_is_access_denied(
     connection_string = azurite.connection_string(account_key=WRONG_KEY)
     use_env(monkeypatch, {"AZURE_STORAGE_CONNECTION_STRING": connection_string})
     storage, key = resolve(f"az://{BUCKET}/flows/x.tar.gz")
-    source = tmp_path / "x"
-    source.write_bytes(b"x")
-
-    calls = {
-        "size": lambda: storage.size(key),
-        "exists": lambda: storage.exists(key),
-        "read_range": lambda: storage.read_range(key, 0, 10),
-        "upload": lambda: storage.upload(source, key),
-        "list": lambda: storage.list("flows/"),
-    }
-    for name, call in calls.items():
-        with pytest.raises(AccessDenied) as caught:
-            call()
-        message = str(caught.value)
-        assert f"az://{BUCKET}/" in message, name
-        assert WRONG_KEY not in message and "AccountKey" not in message, name
+    assert_every_call_denied(
+        storage, key, tmp_path, names=f"az://{BUCKET}/", secrets=(WRONG_KEY, "AccountKey")
+    )
 
 
 def test_unreachable_endpoint_is_transient(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.prefect_server import free_port
+from devtools.server_process import free_port
 from runner.errors import AccessDenied, TransientStorageError
 from runner.storage import resolve
 from tests.storage.conftest import use_env

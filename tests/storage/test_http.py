@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.prefect_server import free_port
+from devtools.server_process import free_port
 from devtools.storage_servers import HttpFileServer
 from runner.errors import (
     AccessDenied,

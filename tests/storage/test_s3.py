@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from devtools.prefect_server import free_port
+from devtools.server_process import free_port
 from devtools.storage_servers import MotoServer
 from runner.errors import AccessDenied, TransientStorageError
 from runner.storage import resolve
 from tests.storage.conftest import BUCKET, use_env
+from tests.storage.denied import assert_every_call_denied
 
 SECRET = "wJalrXUtnFEMI-not-a-real-secret"
 
@@ -21,22 +22,9 @@ def test_unknown_credentials_are_access_denied(
 ) -> None:
     use_env(monkeypatch, {**moto_iam.env(), "AWS_SECRET_ACCESS_KEY": SECRET})
     storage, key = resolve(f"s3://{BUCKET}/flows/x.tar.gz")
-    source = tmp_path / "x"
-    source.write_bytes(b"x")
-
-    calls = {
-        "size": lambda: storage.size(key),
-        "exists": lambda: storage.exists(key),
-        "read_range": lambda: storage.read_range(key, 0, 10),
-        "upload": lambda: storage.upload(source, key),
-        "list": lambda: storage.list("flows/"),
-    }
-    for name, call in calls.items():
-        with pytest.raises(AccessDenied) as caught:
-            call()
-        message = str(caught.value)
-        assert f"s3://{BUCKET}/" in message, name
-        assert SECRET not in message and "testing" not in message, name
+    assert_every_call_denied(
+        storage, key, tmp_path, names=f"s3://{BUCKET}/", secrets=(SECRET, "testing")
+    )
 
 
 def test_no_credentials_at_all_is_access_denied(
