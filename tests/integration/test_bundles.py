@@ -272,3 +272,33 @@ def test_presigned_https_bundle_survives_transient_errors(runner, flow_run, clie
     assert client.read_flow_run(run.id).state.result() == 12
     assert "retry 1 of" in result.stderr and "not-a-real-one" not in result.stderr
     assert "not-a-real-one" not in _logs(client, run.id)
+
+
+def test_prefect_step_runner_runs_push_and_pull_steps(
+    prefect_server, local_store, tmp_path, monkeypatch
+):
+    """The steps as `prefect deploy` and Prefect's own workers run them, templating included."""
+    from prefect.deployments.steps.core import run_steps
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    monkeypatch.setenv("RUNNER_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.chdir(tmp_path)
+    push = [
+        {
+            "runner.steps.push_bundle": {
+                "id": "bundle",
+                "path": str(FLOWS_DIR),
+                "to": local_store.url,
+            }
+        }
+    ]
+    pushed = run_coro_as_sync(run_steps(push))
+    pull = [{"runner.steps.pull_bundle": {"url": "{{ bundle.url }}"}}]
+
+    pulled = run_coro_as_sync(run_steps(pull, upstream_outputs=pushed))
+
+    assert pushed["bundle"]["url"].endswith(f"{pushed['bundle']['sha256']}.tar.gz")
+    assert (Path(pulled["directory"]) / "flows.py").read_text() == (
+        FLOWS_DIR / "flows.py"
+    ).read_text()
+    assert Path(pulled["directory"]) == tmp_path / "code"
