@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -24,6 +25,7 @@ from typing import Any
 import pathspec
 
 from runner.errors import BundleError, ConfigError
+from runner.storage import redact
 
 log = logging.getLogger("runner")
 
@@ -76,14 +78,9 @@ def parse_url(url: str) -> BundleRef:
     if match := _DIGEST_NAME.search(base.split("?", 1)[0]):
         return BundleRef(base, match.group(1))
     raise ConfigError(
-        f"bundle URL {_printable(base)} names no digest: it must end in <sha256>.tar.gz "
+        f"bundle URL {redact(base)} names no digest: it must end in <sha256>.tar.gz "
         "(as `bundle push` prints) or carry a #sha256=<hex> fragment"
     )
-
-
-def _printable(url: str) -> str:
-    """A URL without its query string, which may hold a presigned signature."""
-    return url.split("?", 1)[0]
 
 
 # --- build ----------------------------------------------------------------------------
@@ -191,7 +188,7 @@ def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
 def _refuse_runner_shadowing(names: Iterator[str] | list[str]) -> None:
     for name in names:
         top = name.split("/", 1)[0]
-        if top in ("runner", "runner.py") or (top.startswith("runner.") and top.endswith(".so")):
+        if top == "runner" or top.startswith("runner."):
             raise BundleError(
                 f"the bundle's top level holds its own 'runner' module ({top}), which would "
                 "shadow prefect-vm-runner's import package; rename it (e.g. to "
@@ -211,20 +208,23 @@ class Limits:
 
 
 def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
-    """Extract ``archive`` into the new directory ``dest``; return the bytes written.
+    """Extract ``archive`` into ``dest`` (replacing it); return the bytes written.
 
-    Python's ``data`` extraction filter (PEP 706) rejects absolute paths, ``..``,
-    links that leave ``dest`` and device files; on top of it every member is
-    counted against ``limits`` before anything of it is written. On any error
-    ``dest`` is removed, so a failed extraction leaves nothing behind."""
+    Each member is checked before anything of it is written (see ``_Checker``),
+    then extracted with Python's ``data`` filter (PEP 706) as a second line of
+    defence. On any error nothing is left behind."""
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         with tarfile.open(archive, mode="r:gz") as tar:
-            written = _extract_members(tar, partial, limits)
+            checker = _Checker(limits)
+            for member in tar:
+                checker.check(member)
+                tar.extract(member, partial, filter="data")
+        shutil.rmtree(dest, ignore_errors=True)  # a retried run extracts afresh
         os.replace(partial, dest)
-        return written
+        return checker.total
     except tarfile.FilterError as exc:  # before TarError: it is one
         raise BundleError(
             f"bundle member {exc.tarinfo.name!r} is unsafe: {_filter_reason(exc)}"
@@ -237,33 +237,80 @@ def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _extract_members(tar: tarfile.TarFile, dest: Path, limits: Limits) -> int:
-    total = 0
-    for files, member in enumerate(tar, start=1):
-        total += member.size if member.isreg() else 0
-        if files > limits.max_files:
+class _Checker:
+    """The rules every member must pass, stricter than the data filter: `bundle push`
+    never makes a bundle that breaks them, so one that does is refused, not repaired.
+
+    - names are relative, without ``..``, and unique (a second entry could replace
+      a symlink and write through it);
+    - no member lies below a symlink of the bundle (a link to ``.`` or a long
+      chain of them is how filters have been escaped);
+    - symlink targets are relative and without ``..``; hard links name an earlier
+      regular file;
+    - nothing at the top level is named ``runner`` or ``runner.*``;
+    - the member count and expanded size stay within the limits."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+        self._count = 0
+        self._seen: set[str] = set()
+        self._symlinks: set[str] = set()
+        self._files: set[str] = set()
+
+    def check(self, member: tarfile.TarInfo) -> None:
+        name = self._name(member)
+        self._within_limits(member)
+        parents = name.split("/")[:-1]
+        for depth in range(1, len(parents) + 1):
+            if "/".join(parents[:depth]) in self._symlinks:
+                raise _unsafe(member, "path goes through a symlink of the bundle")
+        if member.issym():
+            self._link_target(member)
+            self._symlinks.add(name)
+        elif member.islnk():
+            if posixpath.normpath(member.linkname) not in self._files:
+                raise _unsafe(member, "hard link to something that is not an earlier file")
+        elif member.isreg():
+            self._files.add(name)
+        _refuse_runner_shadowing([name])
+
+    def _name(self, member: tarfile.TarInfo) -> str:
+        raw = member.name
+        if raw.startswith("/"):
+            raise _unsafe(member, "absolute path")
+        if ".." in raw.split("/"):
+            raise _unsafe(member, "'..' component")
+        name = posixpath.normpath(raw)
+        if name in self._seen:
+            raise _unsafe(member, "appears twice in the bundle")
+        self._seen.add(name)
+        return name
+
+    def _link_target(self, member: tarfile.TarInfo) -> None:
+        target = member.linkname
+        if target.startswith("/"):
+            raise _unsafe(member, "link to an absolute path")
+        if ".." in target.split("/"):
+            raise _unsafe(member, "link points outside the extraction directory ('..')")
+
+    def _within_limits(self, member: tarfile.TarInfo) -> None:
+        self._count += 1
+        self.total += member.size if member.isreg() else 0
+        if self._count > self.limits.max_files:
             raise BundleError(
-                f"bundle has more than {limits.max_files} members (stopped at {member.name!r}); "
-                "raise --max-bundle-files if that is expected"
+                f"bundle has more than {self.limits.max_files} members (stopped at "
+                f"{member.name!r}); raise --max-bundle-files if that is expected"
             )
-        if total > limits.max_bytes:
+        if self.total > self.limits.max_bytes:
             raise BundleError(
-                f"bundle expands to more than {limits.max_bytes} bytes (stopped at "
+                f"bundle expands to more than {self.limits.max_bytes} bytes (stopped at "
                 f"{member.name!r}); raise --max-bundle-bytes if that is expected"
             )
-        _refuse_unsafe_name(member.name)
-        _refuse_runner_shadowing([member.name.removeprefix("./")])
-        tar.extract(member, dest, filter="data")
-    return total
 
 
-def _refuse_unsafe_name(name: str) -> None:
-    """What the data filter would quietly rewrite (a leading /) or allow (an inner ..)
-    is refused outright: a bundle that needs either was not built by `bundle push`."""
-    if name.startswith("/"):
-        raise BundleError(f"bundle member {name!r} is unsafe: absolute path")
-    if ".." in name.split("/"):
-        raise BundleError(f"bundle member {name!r} is unsafe: '..' component")
+def _unsafe(member: tarfile.TarInfo, reason: str) -> BundleError:
+    return BundleError(f"bundle member {member.name!r} is unsafe: {reason}")
 
 
 def _filter_reason(exc: tarfile.FilterError) -> str:
@@ -306,12 +353,15 @@ class BundleCache:
         with self.locked(ref.sha256):
             if cached.is_file():  # another runner fetched it while we waited
                 return cached, True
+            # Under the lock, any partial download of this digest is a dead runner's.
+            for stale in self.root.glob(f".{ref.sha256}.*.partial"):
+                stale.unlink(missing_ok=True)
             tmp = cached.with_name(f".{ref.sha256}.{os.getpid()}.partial")
             try:
                 seen = download(tmp)
                 if seen != ref.sha256:
                     raise BundleError(
-                        f"bundle digest mismatch for {_printable(ref.url)}: expected sha256 "
+                        f"bundle digest mismatch for {redact(ref.url)}: expected sha256 "
                         f"{ref.sha256}, got {seen}; the object was changed or corrupted"
                     )
                 os.replace(tmp, cached)

@@ -1,4 +1,4 @@
-"""Worker-to-guard messages: JSON lines over an inherited pipe that survives exec."""
+"""Worker-to-guard messages: JSON lines over a pipe the worker inherits from the guard."""
 
 from __future__ import annotations
 
@@ -30,18 +30,22 @@ class Inbox:
     messages: list[dict[str, Any]] = field(default_factory=list)
     _partial: bytes = b""
 
-    def read_available(self) -> bool:
-        """Read what is in the pipe now; False once the worker's end is closed."""
-        chunk = os.read(self.fd, 65536)
-        if not chunk:
-            return False
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        for raw in lines:
+    def drain(self) -> bool:
+        """Read everything in the (non-blocking) pipe now; False once its write end is
+        closed. Never waits: a grandchild of the worker may hold the write end open."""
+        while True:
             try:
-                self.messages.append(json.loads(raw))
-            except ValueError:
-                continue  # a torn write from a dying worker; the exit status tells the rest
-        return True
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            for raw in lines:
+                try:
+                    self.messages.append(json.loads(raw))
+                except ValueError:
+                    continue  # a torn write from a dying worker; the exit status tells the rest
 
     def last(self, kind: str) -> dict[str, Any] | None:
         return next((m for m in reversed(self.messages) if m.get("kind") == kind), None)

@@ -33,6 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging("INFO")
         log.error("%s", exc)
         return int(exc.exit_code)
+    except Exception as exc:  # a bug: still one line and a documented code
+        _configure_logging("INFO")
+        log.debug("internal error", exc_info=True)
+        log.error("internal error in the runner: %s: %s", type(exc).__name__, exc)
+        return int(ExitCode.BOOTSTRAP_ERROR)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -144,7 +149,7 @@ def _exit_code_table() -> str:
         ExitCode.FLOW_FAILED: "the flow ran and ended Failed (or Cancelled)",
         ExitCode.CONFIG_ERROR: "usage or configuration error (bad flag, id, missing run)",
         ExitCode.BOOTSTRAP_ERROR: "infrastructure error before the flow ran (API, code)",
-        ExitCode.NOT_EXECUTED: "not executed: the run was already claimed, running or final",
+        ExitCode.NOT_EXECUTED: "not executed: the run is already running or final, or the claim was refused",
         ExitCode.CRASHED: "crashed: the worker died or the run ended Crashed",
     }
     rows = "\n".join(f"  {int(code)}  {text}" for code, text in meanings.items())

@@ -62,7 +62,8 @@ def load_flow_code(
             )
             if output and output.get("directory"):
                 os.chdir(output["directory"])
-        sys.path.insert(0, os.getcwd())
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         return load_flow_from_entrypoint(deployment.entrypoint, use_placeholder_flow=False)
     except RunnerError:
         raise
@@ -73,10 +74,6 @@ def load_flow_code(
             f"could not load the flow's code for deployment {deployment.name!r} "
             f"(entrypoint {deployment.entrypoint}): {type(root).__name__}: {root}"
         ) from exc
-    finally:
-        # Pull steps may chdir; the flow's own imports resolve from where it landed.
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
 
 
 def run_in_process(flow: Flow, flow_run: FlowRun) -> State:

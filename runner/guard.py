@@ -21,7 +21,7 @@ from contextlib import suppress
 from runner import execute, worker  # noqa: F401  (execute: imported before the fork, shared)
 from runner.channel import Inbox, Sender
 from runner.crash import WorkerExit, oom_kill_count
-from runner.errors import ExitCode, RunnerError, exit_code_for_state
+from runner.errors import BootstrapError, ExitCode, RunnerError, exit_code_for_state
 from runner.prefect_api import PrefectApi, api_url, emit, flush_prefect
 from runner.settings import Settings
 from runner.telemetry.heartbeat import Heartbeat
@@ -35,25 +35,51 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT)
 _REPORT_API_WAIT = 30.0
 
 
+class _Signals:
+    """SIGTERM/SIGINT never kill the guard: it notes them (and, while the worker
+    lives, forwards them: see _supervise), then finishes its report and teardown."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+
+    def note(self, signum: int, _frame: object) -> None:
+        self.received.append(signal.Signals(signum).name)
+
+
 def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
-    """Execute the configured flow run; the teardown runs once whatever happens."""
+    """Execute the configured flow run and return its exit code; the error line is
+    logged before the teardown, which runs once whatever happens."""
     teardown = teardown or Teardown(settings)
     exit_code = ExitCode.BOOTSTRAP_ERROR
+    signals = _Signals()
+    previous = {sig: signal.signal(sig, signals.note) for sig in _FORWARDED}
     try:
         flow_run_id = settings.run_id()
         api_url()  # fail on a missing API URL here, before a worker exists
-        exit_code = _fork_and_supervise(settings, flow_run_id)
-        return exit_code
+        exit_code = _fork_and_supervise(settings, flow_run_id, signals)
     except RunnerError as exc:
+        log.error("%s", exc)
         exit_code = exc.exit_code
-        raise
+    except Exception as exc:  # a bug or an OS failure: still report and tear down
+        log.debug("internal error", exc_info=True)
+        log.error("internal error in the runner: %s: %s", type(exc).__name__, exc)
+        exit_code = ExitCode.BOOTSTRAP_ERROR
     finally:
         flush_prefect()
         teardown(exit_code=int(exit_code))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # if a failed fork left them
+    return exit_code
 
 
-def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID) -> ExitCode:
+def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID, signals: _Signals) -> ExitCode:
+    if signals.received:
+        raise BootstrapError(
+            f"stopped by {signals.received[0]} before the flow run was started; not executed"
+        )
     inbox_fd, sender_fd = os.pipe()
+    os.set_blocking(inbox_fd, False)
     # Block the forwarded signals across the fork so that neither process can be
     # stopped by one before it has its own handling in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
@@ -68,10 +94,16 @@ def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID) -> ExitCode:
         code = int(ExitCode.CRASHED)
         try:
             os.close(inbox_fd)
+            # The worker stops on SIGTERM and SIGINT as any process does (the engine
+            # turns them into a Crashed state while the flow runs).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
             code = worker.run(settings, flow_run_id, Sender(sender_fd))
         finally:
-            with suppress(Exception):
+            # Nothing may interrupt the way out, or the child would unwind into the guard.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+            with suppress(BaseException):
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
@@ -82,6 +114,13 @@ def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID) -> ExitCode:
     inbox = Inbox(inbox_fd)
     try:
         ended = _supervise(pid, inbox, settings, oom_before)
+    except BaseException:
+        # The guard cannot watch the worker any more: never leave it running unwatched.
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
     finally:
         os.close(inbox_fd)
     return _conclude(settings, flow_run_id, inbox, ended)
@@ -92,7 +131,6 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in _FORWARDED}
     previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
 
@@ -110,7 +148,7 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
             timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
             for key, _ in selector.select(timeout):
                 if key.data == "inbox":
-                    if not inbox.read_available():
+                    if not inbox.drain():
                         selector.unregister(inbox.fd)
                     heartbeat = heartbeat or _start_heartbeat(inbox, settings)
                 elif key.data == "signal":
@@ -122,8 +160,7 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
                             os.kill(pid, signum)
                         kill_at = kill_at or time.monotonic() + settings.cancel_grace_seconds
                 elif key.data == "exited":
-                    while inbox.read_available():
-                        pass
+                    inbox.drain()
                     _, status, usage = os.wait4(pid, 0)
                     return WorkerExit(
                         status=status,
@@ -148,8 +185,6 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
         selector.close()
         os.close(pidfd)
         signal.set_wakeup_fd(previous_wakeup)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         wake_r.close()
         wake_w.close()
 

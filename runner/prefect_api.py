@@ -33,6 +33,7 @@ from runner.errors import (
     FlowRunNotFound,
     NotExecuted,
 )
+from runner.storage import redact
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -52,11 +53,6 @@ def api_url() -> str:
     return str(url)
 
 
-def _printable(url: str) -> str:
-    """The URL without any user:password part, for messages."""
-    return str(httpx.URL(url).copy_with(username=None, password=None))
-
-
 class PrefectApi:
     """What the runner asks of the Prefect API about one flow run."""
 
@@ -74,7 +70,7 @@ class PrefectApi:
         """A client for the run; its first read waits up to ``api_wait`` s for the API."""
         url = api_url()
         with get_client(sync_client=True) as client:
-            yield cls(client, flow_run_id, url=_printable(url), api_wait=api_wait)
+            yield cls(client, flow_run_id, url=redact(url), api_wait=api_wait)
 
     def read_flow_run(self) -> FlowRun:
         """Read the run, retrying with backoff while the API does not answer at all."""
@@ -82,7 +78,8 @@ class PrefectApi:
         delay = 0.5
         while True:
             try:
-                return self._client.read_flow_run(self.flow_run_id)
+                with self._http_errors("reading the flow run"):
+                    return self._client.read_flow_run(self.flow_run_id)
             except ObjectNotFound:
                 raise FlowRunNotFound(
                     f"flow run {self.flow_run_id} does not exist in the Prefect API at "
@@ -105,16 +102,27 @@ class PrefectApi:
                 delay = min(delay * 2, 5.0)
 
     def claim(self) -> FlowRun:
-        """Propose Pending, as Prefect workers do; the server refuses it for a run that is
-        already Pending, Running or final, so one run is never executed twice."""
+        """Make the run this runner's: propose Pending, as Prefect workers do (the server
+        refuses it for a run that is already Pending, Running or final). A run that is
+        already Pending was handed over by the Prefect worker that started this process
+        (workers propose Pending before they start their command): it is taken as is."""
         flow_run = self.read_flow_run()
         state = flow_run.state
-        if state is not None and (state.is_final() or state.is_running() or state.is_pending()):
+        if state is not None and state.is_pending():
+            log.info(
+                "flow run %s is Pending (submitted by a Prefect worker); taking it",
+                self.flow_run_id,
+            )
+            return flow_run
+        if state is not None and (
+            state.is_final() or state.is_running() or state.is_paused() or state.is_cancelling()
+        ):
             raise NotExecuted(
                 f"flow run {self.flow_run_id} is already {state.name}; not executing it again"
             )
         try:
-            result = self._client.set_flow_run_state(self.flow_run_id, Pending())
+            with self._http_errors("claiming the run"):
+                result = self._client.set_flow_run_state(self.flow_run_id, Pending())
         except httpx.TransportError as exc:
             raise ApiUnreachable(f"Prefect API unreachable while claiming the run: {exc}") from exc
         if result.status != SetStateStatus.ACCEPT:
@@ -125,7 +133,8 @@ class PrefectApi:
 
     def read_deployment(self, deployment_id: uuid.UUID) -> DeploymentResponse:
         try:
-            return self._client.read_deployment(deployment_id)
+            with self._http_errors("reading the deployment"):
+                return self._client.read_deployment(deployment_id)
         except ObjectNotFound:
             raise CodeLoadError(
                 f"deployment {deployment_id} of the flow run no longer exists"
@@ -135,23 +144,32 @@ class PrefectApi:
                 f"Prefect API unreachable while reading the deployment: {exc}"
             ) from exc
 
-    def state_type(self) -> str | None:
-        """The run's current state type (``RUNNING``, ``COMPLETED``...), None if it has none."""
-        state = self.read_flow_run().state
-        return state.type.value if state else None
+    @contextmanager
+    def _http_errors(self, doing: str) -> Iterator[None]:
+        """Prefect client errors as the runner's: a refused key is a configuration error,
+        anything else on the way (5xx, network) is infrastructure."""
+        try:
+            yield
+        except ObjectNotFound:
+            raise
+        except httpx.HTTPStatusError as exc:
+            code = exc.response.status_code
+            if code in (401, 403):
+                raise ConfigError(
+                    f"Prefect API at {self._url} refused the request while {doing} (HTTP "
+                    f"{code}); check PREFECT_API_KEY and its access to this workspace"
+                ) from None
+            raise ApiUnreachable(
+                f"Prefect API at {self._url} failed while {doing} (HTTP {code})"
+            ) from None
 
-    def crash(self, message: str) -> bool:
-        """Mark the run Crashed with ``message`` unless it already reached a final state.
-
-        Returns whether the state was set. Forced, because the worker that would
-        have moved it on is gone and the orchestration rules must not keep the
-        run Pending/Running forever."""
-        state = self.read_flow_run().state
-        if state is not None and state.is_final():
-            return False
-        self._client.set_flow_run_state(self.flow_run_id, Crashed(message=message), force=True)
-        self.log(message, level=logging.ERROR)
-        return True
+    def crash(self, message: str) -> None:
+        """Mark the run Crashed with ``message`` and say so in its logs. Forced: the
+        worker that would have moved it on is gone, and orchestration rules must not
+        keep the run Pending or Running for ever. Callers check it is not final."""
+        with self._http_errors("reporting the crash"):
+            self._client.set_flow_run_state(self.flow_run_id, Crashed(message=message), force=True)
+            self.log(message, level=logging.ERROR)
 
     def log(self, message: str, *, level: int = logging.INFO) -> None:
         """Write one line to the flow run's logs in Prefect."""

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import ConfigError
@@ -26,7 +26,9 @@ class Settings(BaseSettings):
 
     flow_run_id: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("flow_run_id", "RUNNER_FLOW_RUN_ID", "PREFECT__FLOW_RUN_ID"),
+        # No plain "flow_run_id" alias: env matching would then read FLOW_RUN_ID too.
+        # populate_by_name keeps Settings(flow_run_id=...) working.
+        validation_alias=AliasChoices("RUNNER_FLOW_RUN_ID", "PREFECT__FLOW_RUN_ID"),
         description="The flow run to execute (a UUID). Also read from PREFECT__FLOW_RUN_ID, "
         "which Prefect workers set.",
     )
@@ -83,6 +85,13 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the runner's own log lines."
     )
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, value: Path) -> Path:
+        # The worker chdirs into the run's directory: a relative workdir would then
+        # point somewhere else and the cache would never be shared between runs.
+        return value.expanduser().resolve()
 
     @model_validator(mode="after")
     def _exit_command_given(self) -> Settings:

@@ -23,7 +23,7 @@ from pathlib import Path
 from runner.bundle import build
 from runner.code import pull
 from runner.settings import load_settings
-from runner.storage import join, resolve
+from runner.storage import join, redact, resolve
 
 log = logging.getLogger("runner")
 
@@ -36,14 +36,14 @@ def push_bundle(to: str, path: str = ".") -> dict[str, str]:
         url = join(to, built.path.name)
         storage, key = resolve(url)
         if storage.exists(key):
-            log.info("bundle %s already at %s; not uploading", built.sha256[:12], url)
+            log.info("bundle %s already at %s; not uploading", built.sha256[:12], redact(url))
         else:
             log.info(
                 "uploading bundle %s (%d files, %d bytes) to %s",
                 built.sha256[:12],
                 built.files,
                 built.size,
-                url,
+                redact(url),
             )
             storage.upload(built.path, key)
     return {"url": url, "sha256": built.sha256}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,6 +82,9 @@ def download(
             done += len(data)
             if progress:
                 progress(done, size)
+        # On disk before the caller renames it into a cache that trusts what it holds.
+        out.flush()
+        os.fsync(out.fileno())
     return Downloaded(dest, size, hasher.hexdigest(), time.monotonic() - started)
 
 

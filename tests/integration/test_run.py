@@ -181,3 +181,35 @@ def test_signal_to_guard_stops_worker_and_ends_run(runner, flow_run, client, tmp
     assert state.is_final() and not state.is_running()
     assert state.is_crashed()
     assert result.teardowns == ["5"]
+
+
+def test_run_made_pending_by_a_prefect_worker_is_executed(runner, flow_run, client):
+    """Prefect workers propose Pending before they start their command (our runner)."""
+    from prefect.states import Pending
+
+    run = flow_run("hello", n=3)
+    client.set_flow_run_state(run.id, Pending())
+
+    result = runner.run("--flow-run-id", str(run.id))
+
+    assert result.returncode == 0, result.stderr
+    assert client.read_flow_run(run.id).state.result() == 6
+
+
+def test_api_refusing_the_key_is_a_config_error(runner, tmp_path):
+    from devtools.storage_servers import HttpFileServer
+
+    with HttpFileServer(tmp_path) as server:
+        server.fail(401)
+        result = runner.run(
+            "--flow-run-id",
+            str(uuid.uuid4()),
+            PREFECT_API_URL=f"{server.url}/api",
+            PREFECT_API_KEY="pnu_planted_secret_key",
+        )
+
+    assert result.returncode == 2
+    errors = result.error_lines()
+    assert len(errors) == 1 and "HTTP 401" in errors[0] and "PREFECT_API_KEY" in errors[0]
+    assert "pnu_planted_secret_key" not in result.stderr + result.stdout
+    assert result.teardowns == ["2"]

@@ -149,7 +149,10 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tar
         (_member("a/../b.txt"), "'..' component"),
         (_member("link", tarfile.SYMTYPE, "/etc/passwd"), "absolute path"),
         (_member("link", tarfile.SYMTYPE, "../../outside"), "outside the extraction directory"),
-        (_member("hard", tarfile.LNKTYPE, "../outside"), "outside the extraction directory"),
+        (_member("hard", tarfile.LNKTYPE, "../outside"), "not an earlier file"),
+        (_member("hard", tarfile.LNKTYPE, "/etc/passwd"), "not an earlier file"),
+        (_member("runner.pyc"), "rename it"),
+        (_member("././runner/x.py"), "rename it"),
         (_member("dev", tarfile.CHRTYPE), "device or special file"),
         (_member("runner/__init__.py"), "rename it"),
     ],
@@ -214,3 +217,40 @@ def test_cache_verifies_digest_and_serves_hits(tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == [
         path.name
     ]
+
+
+@pytest.mark.parametrize(
+    ("members", "reason"),
+    [
+        # A symlink to "." (or a chain of them) and a path through it: how filters escape.
+        ([_member("x", tarfile.SYMTYPE, "."), _member("x/runner.py")], "through a symlink"),
+        (
+            [
+                _member("d", tarfile.DIRTYPE),
+                _member("d/l", tarfile.SYMTYPE, "../.."),
+                _member("d/l/pwned"),
+            ],
+            "outside the extraction directory",
+        ),
+        # A second entry of the same name could replace a symlink and write through it.
+        ([_member("a", tarfile.SYMTYPE, "b"), _member("a")], "appears twice"),
+    ],
+)
+def test_member_sequences_that_escape_are_rejected(tmp_path, members, reason):
+    archive = _archive(tmp_path, *members)
+    dest = tmp_path / "work" / "code"
+    with pytest.raises(BundleError, match=reason):
+        extract(archive, dest, limits=LIMITS)
+    assert not dest.exists()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "work" / "pwned").exists()
+
+
+def test_extracting_again_replaces_the_directory(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    built = build(_project(tmp_path / "src"), out)
+    dest = tmp_path / "work" / "code"
+    extract(built.path, dest, limits=LIMITS)
+    (dest / "left-over.txt").write_text("from an earlier attempt")
+    extract(built.path, dest, limits=LIMITS)
+    assert (dest / "flow.py").is_file() and not (dest / "left-over.txt").exists()

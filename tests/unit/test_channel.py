@@ -14,11 +14,22 @@ def test_messages_arrive_in_order_and_torn_lines_are_skipped():
     sender.send("finished", state="COMPLETED", name="Completed")
     os.write(w, b'{"kind": "tor')  # a worker killed mid-write
     os.close(w)
-    while inbox.read_available():
-        pass
+    os.set_blocking(r, False)
+    assert inbox.drain() is False  # the write end is closed: EOF
     assert [m["kind"] for m in inbox.messages] == ["claimed", "finished"]
     assert inbox.last("finished")["state"] == "COMPLETED"
     assert inbox.last("error") is None
+    os.close(r)
+
+
+def test_drain_does_not_wait_for_a_write_end_held_open():
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    inbox = Inbox(r)
+    Sender(w).send("claimed")
+    assert inbox.drain() is True  # still open (as a worker's grandchild could keep it)
+    assert [m["kind"] for m in inbox.messages] == ["claimed"]
+    os.close(w)
     os.close(r)
 
 
