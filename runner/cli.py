@@ -149,7 +149,7 @@ def _exit_code_table() -> str:
         ExitCode.FLOW_FAILED: "the flow ran and ended Failed (or Cancelled)",
         ExitCode.CONFIG_ERROR: "usage or configuration error (bad flag, id, missing run)",
         ExitCode.BOOTSTRAP_ERROR: "infrastructure error before the flow ran (API, code)",
-        ExitCode.NOT_EXECUTED: "not executed: the run is already running or final, or the claim was refused",
+        ExitCode.NOT_EXECUTED: "not executed: run already running or final, or claim refused",
         ExitCode.CRASHED: "crashed: the worker died or the run ended Crashed",
     }
     rows = "\n".join(f"  {int(code)}  {text}" for code, text in meanings.items())
