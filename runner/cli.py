@@ -12,7 +12,7 @@ import typing
 from collections.abc import Sequence
 
 from runner import __version__
-from runner.errors import ExitCode, RunnerError
+from runner.errors import ExitCode, RunnerError, internal_error_line
 from runner.settings import Settings, env_var, load_settings
 
 log = logging.getLogger("runner")
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line and a documented code
         _configure_logging("INFO")
         log.debug("internal error", exc_info=True)
-        log.error("internal error in the runner: %s: %s", type(exc).__name__, exc)
+        log.error("%s", internal_error_line(exc))
         return int(ExitCode.BOOTSTRAP_ERROR)
 
 

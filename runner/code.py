@@ -23,13 +23,19 @@ JOB_VARIABLE = "code_url"
 
 
 @dataclass(frozen=True)
+class Fetched:
+    archive: Path  # the verified archive in the cache
+    sha256: str
+    cache_hit: bool
+    bytes_downloaded: int
+
+
+@dataclass(frozen=True)
 class Pulled:
     """What one pull did, for logs and the run summary."""
 
     directory: Path
-    sha256: str
-    cache_hit: bool
-    bytes_downloaded: int
+    fetched: Fetched
     seconds: float
 
 
@@ -48,14 +54,6 @@ def bundle_url(settings: Settings, flow_run: Any, deployment: Any) -> str | None
 
 def is_pull_bundle_step(step: dict[str, Any]) -> bool:
     return PULL_STEP in step
-
-
-@dataclass(frozen=True)
-class Fetched:
-    archive: Path  # the verified archive in the cache
-    sha256: str
-    cache_hit: bool
-    bytes_downloaded: int
 
 
 def fetch(url: str, *, settings: Settings, say: Callable[[str], None]) -> Fetched:
@@ -97,4 +95,4 @@ def pull(url: str, dest: Path, *, settings: Settings, say: Callable[[str], None]
     extracted = extract(fetched.archive, dest, limits=limits)
     seconds = time.monotonic() - started
     say(f"bundle extracted into {dest}: {human_bytes(extracted)}; code ready in {seconds:.2f}s")
-    return Pulled(dest, fetched.sha256, fetched.cache_hit, fetched.bytes_downloaded, seconds)
+    return Pulled(dest, fetched, seconds)

@@ -106,3 +106,8 @@ def exit_code_for_state(state_type: str | None) -> ExitCode:
     if state_type == "CRASHED" or state_type is None:
         return ExitCode.CRASHED
     return ExitCode.FLOW_FAILED
+
+
+def internal_error_line(exc: BaseException) -> str:
+    """The one line for an error outside this tree (a bug, an OS failure): exit code 3."""
+    return f"internal error in the runner: {type(exc).__name__}: {exc}"

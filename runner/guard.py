@@ -21,7 +21,13 @@ from contextlib import suppress
 from runner import execute, worker  # noqa: F401  (execute: imported before the fork, shared)
 from runner.channel import Inbox, Sender
 from runner.crash import WorkerExit, oom_kill_count
-from runner.errors import BootstrapError, ExitCode, RunnerError, exit_code_for_state
+from runner.errors import (
+    BootstrapError,
+    ExitCode,
+    RunnerError,
+    exit_code_for_state,
+    internal_error_line,
+)
 from runner.prefect_api import PrefectApi, api_url, emit, flush_prefect
 from runner.settings import Settings
 from runner.telemetry.heartbeat import Heartbeat
@@ -62,7 +68,7 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
         exit_code = exc.exit_code
     except Exception as exc:  # a bug or an OS failure: still report and tear down
         log.debug("internal error", exc_info=True)
-        log.error("internal error in the runner: %s: %s", type(exc).__name__, exc)
+        log.error("%s", internal_error_line(exc))
         exit_code = ExitCode.BOOTSTRAP_ERROR
     finally:
         flush_prefect()

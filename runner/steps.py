@@ -33,7 +33,7 @@ log = logging.getLogger("runner")
 def push_bundle(to: str, path: str = ".") -> dict[str, str]:
     """Build the bundle of ``path`` and upload it under ``to`` unless already there;
     returns ``{"url": ..., "sha256": ...}`` for templating later steps."""
-    storage, _ = resolve(join(to, "probe"))  # a bad URL or missing SDK fails before packing
+    resolve(join(to, "probe"))  # a bad URL or a missing SDK fails before any packing
     with tempfile.TemporaryDirectory(prefix="runner-bundle-") as tmp:
         log.info("packing %s", Path(path).resolve())
         started = time.monotonic()
