@@ -218,6 +218,9 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 def _handler(server: HttpFileServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as object stores do
+        # Headers and body go out in separate writes: with Nagle on, each small response
+        # on a kept-alive connection waits ~40 ms for the client's delayed ACK.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # tests read server.requests instead
@@ -245,13 +248,17 @@ def _handler(server: HttpFileServer) -> type[BaseHTTPRequestHandler]:
             if self._fault():
                 return
             path = self._path()
+            if path is not None and path.is_dir():
+                path = path / "index.html"  # a PEP 503 index asks for `/simple/<name>/`
             if path is None or not path.is_file():
                 return self._answer(HTTPStatus.NOT_FOUND, body=body)
             data = path.read_bytes()
             header = self.headers.get("Range")
             match = _RANGE.match(header or "") if server.ranges else None
             if not match or match.groups() == ("", ""):
-                return self._answer(HTTPStatus.OK, data, body=body)
+                # pip and uv refuse index pages without a Content-Type.
+                kind = {"Content-Type": "text/html"} if path.suffix == ".html" else {}
+                return self._answer(HTTPStatus.OK, data, headers=kind, body=body)
             first, last = match.groups()
             size = len(data)
             if first == "":  # bytes=-N: the last N bytes

@@ -30,7 +30,6 @@ from runner.storage import redact
 log = logging.getLogger("runner")
 
 SUFFIX = ".tar.gz"
-_DIGEST_NAME = re.compile(r"(?:^|/)([0-9a-f]{64})\.tar\.gz$")
 _DIGEST_FRAGMENT = re.compile(r"^sha256=([0-9a-f]{64})$")
 # Never worth shipping, whatever the ignore files say.
 _ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".venv/", ".runner-work/", ".DS_Store"]
@@ -68,18 +67,20 @@ class BundleRef:
     sha256: str
 
 
-def parse_url(url: str) -> BundleRef:
-    """Read the expected digest from a ``<sha256>.tar.gz`` name or a ``#sha256=`` fragment."""
+def parse_url(url: str, *, suffix: str = SUFFIX, what: str = "bundle") -> BundleRef:
+    """Read the expected digest from a ``<sha256><suffix>`` name or a ``#sha256=``
+    fragment (content-addressed objects: bundles, and environment specs)."""
     base, _, fragment = url.partition("#")
     if fragment:
         if match := _DIGEST_FRAGMENT.match(fragment):
             return BundleRef(base, match.group(1))
-        raise ConfigError(f"bundle URL fragment must be #sha256=<64 hex digits>, got #{fragment}")
-    if match := _DIGEST_NAME.search(base.split("?", 1)[0]):
+        raise ConfigError(f"{what} URL fragment must be #sha256=<64 hex digits>, got #{fragment}")
+    name_pattern = re.compile(r"(?:^|/)([0-9a-f]{64})" + re.escape(suffix) + "$")
+    if match := name_pattern.search(base.split("?", 1)[0]):
         return BundleRef(base, match.group(1))
     raise ConfigError(
-        f"bundle URL {redact(base)} names no digest: it must end in <sha256>.tar.gz "
-        "(as `bundle push` prints) or carry a #sha256=<hex> fragment"
+        f"{what} URL {redact(base)} names no digest: it must end in <sha256>{suffix} "
+        "(as `push` prints) or carry a #sha256=<hex> fragment"
     )
 
 
@@ -94,13 +95,16 @@ class Built:
     size: int
 
 
-def build(source: Path, dest_dir: Path) -> Built:
+def build(source: Path, dest_dir: Path, *, extra: dict[str, bytes] | None = None) -> Built:
     """Pack ``source`` into ``dest_dir/<sha256>.tar.gz``, byte-for-byte reproducible:
-    sorted entries, fixed mtimes, owners and modes, no gzip timestamp or name."""
+    sorted entries, fixed mtimes, owners and modes, no gzip timestamp or name.
+    ``extra`` adds generated top-level files (a captured environment), replacing any
+    file of the same name in ``source``."""
     source = source.resolve()
     if not source.is_dir():
         raise ConfigError(f"bundle source {source} is not a directory")
-    files = _files_to_bundle(source)
+    extra = extra or {}
+    files = [p for p in _files_to_bundle(source) if p.relative_to(source).as_posix() not in extra]
     _refuse_runner_shadowing(p.relative_to(source).as_posix() for p in files)
     for path in files:
         rel = path.relative_to(source).as_posix()
@@ -125,12 +129,14 @@ def build(source: Path, dest_dir: Path) -> Built:
             ):
                 for path in files:
                     _add(tar, path, path.relative_to(source).as_posix())
+                for name, data in sorted(extra.items()):
+                    _add_bytes(tar, name, data)
         final = dest_dir / f"{digest.hexdigest()}{SUFFIX}"
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return Built(final, digest.hexdigest(), len(files), final.stat().st_size)
+    return Built(final, digest.hexdigest(), len(files) + len(extra), final.stat().st_size)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -183,6 +189,12 @@ def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
         info.mode = 0o777
         tar.addfile(info)
     # other types (sockets, fifos) are not code: skipped
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _refuse_runner_shadowing(names: Iterator[str] | list[str]) -> None:
@@ -328,13 +340,15 @@ def _filter_reason(exc: tarfile.FilterError) -> str:
 
 
 class BundleCache:
-    """Verified bundles by digest under ``root``; a file there has been checked already."""
+    """Verified objects by digest under ``root``; a file there has been checked already."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, suffix: str = SUFFIX, what: str = "bundle") -> None:
         self.root = root
+        self._suffix = suffix
+        self._what = what
 
     def path(self, sha256: str) -> Path:
-        return self.root / f"{sha256}{SUFFIX}"
+        return self.root / f"{sha256}{self._suffix}"
 
     @contextmanager
     def locked(self, sha256: str) -> Iterator[None]:
@@ -361,7 +375,7 @@ class BundleCache:
                 seen = download(tmp)
                 if seen != ref.sha256:
                     raise BundleError(
-                        f"bundle digest mismatch for {redact(ref.url)}: expected sha256 "
+                        f"{self._what} digest mismatch for {redact(ref.url)}: expected sha256 "
                         f"{ref.sha256}, got {seen}; the object was changed or corrupted"
                     )
                 os.replace(tmp, cached)

@@ -13,13 +13,13 @@ class Sender:
     """The worker's end: one JSON object per line, written whole (messages are small)."""
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        self.fd = fd  # -1: no guard to tell (a container without a passed descriptor)
 
     def send(self, kind: str, **data: Any) -> None:
         line = json.dumps({"kind": kind, **data}, separators=(",", ":")) + "\n"
         # An OSError means the guard is gone: nothing is left to tell.
         with contextlib.suppress(OSError):
-            os.write(self._fd, line.encode())
+            os.write(self.fd, line.encode())
 
 
 @dataclass

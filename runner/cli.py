@@ -19,7 +19,7 @@ log = logging.getLogger("runner")
 
 # Subcommands by name; anything else on the command line means `run` (so that
 # `python -m runner --flow-run-id ID` works as Prefect workers call it).
-COMMANDS = ("run", "bundle")
+COMMANDS = ("run", "bundle", "env", "worker-stage")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_settings_flags(run)
     run.set_defaults(handler=_run)
     _add_bundle_commands(commands)
+    _add_env_commands(commands)
+    # Internal: the flow stage after the worker's exec into an env or a container.
+    stage = commands.add_parser("worker-stage")
+    stage.add_argument("stage_file")
+    stage.set_defaults(handler=_worker_stage)
     return parser
 
 
@@ -84,6 +89,12 @@ def _add_bundle_commands(commands: argparse._SubParsersAction) -> None:
         "there, and print its URL on stdout.",
     )
     push.add_argument("path", metavar="PATH", help="the project directory to bundle")
+    push.add_argument(
+        "--capture",
+        action="store_true",
+        help="also record the current Python environment in the bundle (senv.json), which "
+        "the runner installs before the flow runs (like Coiled's package sync)",
+    )
     push.add_argument(
         "--to",
         required=True,
@@ -112,8 +123,89 @@ def _bundle_push(args: argparse.Namespace) -> int:
     _configure_logging("INFO")
     from runner.steps import push_bundle
 
-    print(push_bundle(args.to, args.path)["url"])
+    print(push_bundle(args.to, args.path, capture=args.capture)["url"])
     return ExitCode.COMPLETED
+
+
+def _add_env_commands(commands: argparse._SubParsersAction) -> None:
+    env = commands.add_parser("env", help="push and pre-build software environments")
+    actions = env.add_subparsers(dest="env_command", metavar="ACTION", required=True)
+    push = actions.add_parser(
+        "push",
+        help="upload an environment spec as <URL>/<sha256>.json",
+        description="Upload SPEC (a Coiled SoftwareEnvSpec JSON, requirements.txt, "
+        "pylock.toml, or a pyproject.toml with its uv.lock) in canonical form, named by its "
+        "sha256, unless it is already there; print its URL for --senv-url or the senv job "
+        "variable.",
+    )
+    push.add_argument("spec", metavar="SPEC", nargs="?", help="the spec file")
+    push.add_argument(
+        "--capture", action="store_true", help="push the current Python environment instead"
+    )
+    push.add_argument("--to", required=True, metavar="URL", help="s3://bucket/prefix, ...")
+    push.set_defaults(handler=_env_push)
+    build = actions.add_parser(
+        "build",
+        help="build the environment for SPEC into the cache (image builds)",
+        description="Build SPEC's environment into <workdir>/cache/envs, so that a runner "
+        "using the same workdir and interpreter starts without installing anything.",
+    )
+    build.add_argument("spec", metavar="SPEC", help="a spec file, or a URL as `env push` prints")
+    for name in ("workdir", "index_url", "extra_index_url", "env_cache_bytes", "log_level"):
+        field = Settings.model_fields[name]
+        build.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"{field.description} [env {env_var(name)}]",
+        )
+    build.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    build.set_defaults(handler=_env_build)
+
+
+def _env_push(args: argparse.Namespace) -> int:
+    _configure_logging("INFO")
+    from runner.steps import push_senv
+
+    print(push_senv(args.to, args.spec, capture=args.capture)["url"])
+    return ExitCode.COMPLETED
+
+
+def _env_build(args: argparse.Namespace) -> int:
+    names = ("workdir", "index_url", "extra_index_url", "env_cache_bytes", "log_level")
+    settings = load_settings(**{name: getattr(args, name) for name in names})
+    _configure_logging(settings.log_level)
+    import json
+    from pathlib import Path
+
+    from runner.environment.materialize import materialize
+    from runner.environment.source import fetch_spec
+    from runner.environment.spec import load
+
+    if Path(args.spec).exists():
+        spec = load(Path(args.spec))
+    else:
+        spec = fetch_spec(args.spec, settings=settings, say=log.info)
+    ready = materialize(spec, settings=settings, say=log.info)
+    if args.json:
+        result = {
+            "key": ready.key,
+            "path": str(ready.python.parent.parent),
+            "cache_hit": ready.cache_hit,
+            "seconds": round(ready.seconds, 4),
+        }
+        print(json.dumps(result))
+    else:
+        print(ready.python.parent.parent)
+    return ExitCode.COMPLETED
+
+
+def _worker_stage(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+    from runner import worker
+
+    return worker.stage_main(args.stage_file, settings)
 
 
 def _bundle_pull(args: argparse.Namespace) -> int:

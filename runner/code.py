@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.bundle import BundleCache, Limits, extract, parse_url, throttled
+from runner.bundle import SUFFIX, BundleCache, Limits, extract, parse_url, throttled
 from runner.settings import Settings
 from runner.storage import redact, resolve
 from runner.storage.transfer import download
@@ -39,14 +39,18 @@ class Pulled:
     seconds: float
 
 
-def bundle_url(settings: Settings, flow_run: Any, deployment: Any) -> str | None:
+def bundle_url(
+    settings: Settings, flow_run: dict[str, Any], deployment: dict[str, Any] | None
+) -> str | None:
     """Where the run's code is: --code-url, else the ``code_url`` job variable, else the
-    deployment's ``runner.steps.pull_bundle`` step; None when the run has no bundle."""
+    deployment's ``runner.steps.pull_bundle`` step; None when the run has no bundle.
+    The run and deployment are the API's JSON (the worker reads them before Prefect
+    is imported)."""
     if settings.code_url:
         return settings.code_url
-    if url := (flow_run.job_variables or {}).get(JOB_VARIABLE):
+    if url := (flow_run.get("job_variables") or {}).get(JOB_VARIABLE):
         return str(url)
-    for step in (deployment.pull_steps or []) if deployment else []:
+    for step in (deployment or {}).get("pull_steps") or []:
         if is_pull_bundle_step(step):
             return str(step[PULL_STEP]["url"])
     return None
@@ -56,15 +60,23 @@ def is_pull_bundle_step(step: dict[str, Any]) -> bool:
     return PULL_STEP in step
 
 
-def fetch(url: str, *, settings: Settings, say: Callable[[str], None]) -> Fetched:
-    """Make sure the bundle at ``url`` is in the cache, verified; download it if not."""
-    ref = parse_url(url)
-    cache = BundleCache(settings.workdir / "cache" / "bundles")
+def fetch(
+    url: str,
+    *,
+    settings: Settings,
+    say: Callable[[str], None],
+    what: str = "bundle",
+    suffix: str = SUFFIX,
+) -> Fetched:
+    """Make sure the content-addressed object at ``url`` (a bundle, or with ``what`` and
+    ``suffix`` an environment spec) is in the cache, verified; download it if not."""
+    ref = parse_url(url, suffix=suffix, what=what)
+    cache = BundleCache(settings.workdir / "cache" / f"{what}s", suffix=suffix, what=what)
     downloaded = 0
 
     def report(done: int, total: int, elapsed: float) -> None:
         say(
-            f"downloading bundle: {human_bytes(done)} of {human_bytes(total)} "
+            f"downloading {what}: {human_bytes(done)} of {human_bytes(total)} "
             f"({100 * done / max(total, 1):.0f}%) at {human_rate(done, elapsed)}"
         )
 
@@ -75,7 +87,7 @@ def fetch(url: str, *, settings: Settings, say: Callable[[str], None]) -> Fetche
         result = download(storage, key, tmp, progress=throttled(report))
         downloaded = result.size
         say(
-            f"bundle {ref.sha256[:12]}: downloaded {human_bytes(result.size)} from "
+            f"{what} {ref.sha256[:12]}: downloaded {human_bytes(result.size)} from "
             f"{redact(ref.url)} in {result.seconds:.2f}s "
             f"({human_rate(result.size, result.seconds)}), sha256 verified"
         )
@@ -83,7 +95,7 @@ def fetch(url: str, *, settings: Settings, say: Callable[[str], None]) -> Fetche
 
     archive, hit = cache.fetch(ref, download_to)
     if hit:
-        say(f"bundle {ref.sha256[:12]}: cache hit ({archive}), no download")
+        say(f"{what} {ref.sha256[:12]}: cache hit ({archive}), no download")
     return Fetched(archive, ref.sha256, hit, downloaded)
 
 

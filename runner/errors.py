@@ -16,8 +16,10 @@ guard and the CLI only ever see this tree::
     │   │   ├── StorageNotFound              the object or its bucket/container does not exist
     │   │   ├── AccessDenied                 credentials missing or not allowed
     │   │   └── TransientStorageError        worth retrying: 5xx, throttling, timeouts, resets
-    │   └── BundleError                      the bundle is unusable: digest mismatch, corrupt,
-    │                                        unsafe member, too large, shadows the runner
+    │   ├── BundleError                      the bundle is unusable: digest mismatch, corrupt,
+    │   │                                    unsafe member, too large, shadows the runner
+    │   └── EnvBuildError                    the flow's environment or image could not be made
+    │                                        ready: uv failed, wrong Python, no podman/docker
     └── NotExecuted                  exit 4  run already claimed, running or final
 
 Outcomes that are not exceptions but still have a code: the flow ran and
@@ -92,6 +94,10 @@ class TransientStorageError(StorageError):
 
 
 class BundleError(BootstrapError):
+    pass
+
+
+class EnvBuildError(BootstrapError):
     pass
 
 

@@ -1,4 +1,4 @@
-"""Put a flow run's code in place, import its flow, and run it in this process through
+"""Import a flow run's flow from its placed code, and run it in this process through
 Prefect's flow engine."""
 
 from __future__ import annotations
@@ -19,37 +19,28 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from prefect.states import State
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from runner import code
+from runner.code import is_pull_bundle_step
 from runner.errors import CodeLoadError, RunnerError
-from runner.settings import Settings
 
 
 def load_flow_code(
     flow_run: FlowRun,
-    deployment: DeploymentResponse | None,
+    deployment: DeploymentResponse,
     *,
-    settings: Settings,
-    run_dir: Path,
+    code_dir: Path | None,
     run_logger: logging.LoggerAdapter,
 ) -> Flow:
-    """Place the code in ``run_dir`` and import the flow from the deployment's entrypoint.
+    """Import the flow from the deployment's entrypoint.
 
-    With a code bundle (``--code-url``, the ``code_url`` job variable, or a
-    ``runner.steps.pull_bundle`` step) the runner pulls it itself, then runs the
-    deployment's other pull steps through Prefect's step runner; without one,
-    Prefect's own loader handles the deployment's storage, path and pull steps."""
-    if deployment is None:
-        raise CodeLoadError(
-            f"flow run {flow_run.id} has no deployment, so there is no code to load; "
-            "create it from a deployment"
-        )
+    With a code bundle (already extracted into ``code_dir`` by the worker's
+    bootstrap) the deployment's other pull steps run through Prefect's step
+    runner; without one, Prefect's own loader handles the deployment's storage,
+    path and pull steps."""
     try:
-        url = code.bundle_url(settings, flow_run, deployment)
-        if url is None:
+        if code_dir is None:
             return load_flow(flow_run)
-        pulled = code.pull(url, run_dir / "code", settings=settings, say=run_logger.info)
-        os.chdir(pulled.directory)
-        steps = [s for s in deployment.pull_steps or [] if not code.is_pull_bundle_step(s)]
+        os.chdir(code_dir)
+        steps = [s for s in deployment.pull_steps or [] if not is_pull_bundle_step(s)]
         if steps:
             output = run_coro_as_sync(
                 run_steps(

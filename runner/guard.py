@@ -18,7 +18,8 @@ import time
 import uuid
 from contextlib import suppress
 
-from runner import execute, worker  # noqa: F401  (execute: imported before the fork, shared)
+from runner import worker
+from runner.bootstrap_api import connection
 from runner.channel import Inbox, Sender
 from runner.crash import WorkerExit, oom_kill_count
 from runner.errors import (
@@ -28,7 +29,6 @@ from runner.errors import (
     exit_code_for_state,
     internal_error_line,
 )
-from runner.prefect_api import PrefectApi, api_url, emit, flush_prefect
 from runner.settings import Settings
 from runner.telemetry.heartbeat import Heartbeat
 from runner.vm.teardown import Teardown
@@ -61,7 +61,7 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
     previous = {sig: signal.signal(sig, signals.note) for sig in _FORWARDED}
     try:
         flow_run_id = settings.run_id()
-        api_url()  # fail on a missing API URL here, before a worker exists
+        connection()  # fail on a missing API URL here, before a worker exists
         exit_code = _fork_and_supervise(settings, flow_run_id, signals)
     except RunnerError as exc:
         log.error("%s", exc)
@@ -71,7 +71,7 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
         log.error("%s", internal_error_line(exc))
         exit_code = ExitCode.BOOTSTRAP_ERROR
     finally:
-        flush_prefect()
+        _flush_prefect()
         teardown(exit_code=int(exit_code))
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -92,8 +92,11 @@ def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID, signals: _Si
     sys.stdout.flush()
     sys.stderr.flush()
     oom_before = oom_kill_count()
-    # Everything imported so far is shared copy-on-write with the worker; frozen
-    # objects are never visited by GC, so neither process dirties those pages.
+    # Prefect is not imported yet: the worker imports it once, in the interpreter that
+    # runs the flow (which may be another one: see worker.py), and the guard only when
+    # it first needs it (heartbeats, the report). What is imported so far is shared
+    # copy-on-write; frozen objects are never visited by GC, so neither process
+    # dirties those pages.
     gc.freeze()
     pid = os.fork()
     if pid == 0:  # the worker: never returns into the guard's code (GC: see worker.py)
@@ -204,7 +207,7 @@ def _start_heartbeat(inbox: Inbox, settings: Settings) -> Heartbeat | None:
         interval=settings.heartbeat_seconds,
         resource=claimed["resource"],
         related=claimed["related"],
-        emit=emit,
+        emit=_emit,
     )
     heartbeat.start()
     return heartbeat
@@ -230,6 +233,8 @@ def _conclude(
     message = error["message"] if error else ended.describe()
     code = ExitCode(error["exit_code"]) if error else ExitCode.CRASHED
     try:
+        from runner.prefect_api import PrefectApi
+
         with PrefectApi.connect(
             flow_run_id, api_wait=min(settings.api_wait, _REPORT_API_WAIT)
         ) as api:
@@ -242,3 +247,18 @@ def _conclude(
         log.error("could not report the crash to Prefect: %s", exc)
     log.error("flow run %s crashed: %s", flow_run_id, message)
     return code
+
+
+def _emit(**event: object) -> None:
+    """Emit through Prefect, imported on the first event (in the heartbeat's thread, one
+    interval after the claim: never on the worker's critical path)."""
+    from runner.prefect_api import emit
+
+    emit(**event)
+
+
+def _flush_prefect() -> None:
+    if "prefect" in sys.modules:  # nothing can be queued before Prefect is imported
+        from runner.prefect_api import flush_prefect
+
+        flush_prefect()

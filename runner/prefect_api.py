@@ -1,8 +1,10 @@
-"""The one module that talks to the Prefect API: read, claim, crash, and log for a flow run.
+"""The guard's and flow stage's Prefect calls, through Prefect's own client: read and
+crash a flow run, write its logs, emit events, flush what is queued.
 
-Prefect's own client does the HTTP; this facade adds the runner's rules (what
-counts as a claim, when a run may be marked Crashed) and translates client
-errors into the runner's error tree.
+This facade adds the runner's rules (when a run may be marked Crashed) and
+translates client errors into the runner's error tree. The worker's bootstrap,
+which runs before Prefect is imported, has its own few calls in
+``runner.bootstrap_api``.
 """
 
 from __future__ import annotations
@@ -16,22 +18,18 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.responses import DeploymentResponse, SetStateStatus
 from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import get_current_settings
-from prefect.states import Crashed, Pending
+from prefect.states import Crashed
 
+from runner.bootstrap_api import connection
 from runner.errors import (
     ApiUnreachable,
-    CodeLoadError,
     ConfigError,
     FlowRunNotFound,
-    NotExecuted,
 )
 from runner.storage import redact
 
@@ -39,18 +37,6 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
 log = logging.getLogger("runner")
-
-
-def api_url() -> str:
-    """The Prefect API URL from Prefect's settings; without one Prefect would start a
-    throwaway in-process server, which is never what a VM agent wants."""
-    url = get_current_settings().api.url
-    if not url:
-        raise ConfigError(
-            "PREFECT_API_URL is not set; set it (and PREFECT_API_KEY for Prefect Cloud) "
-            "to the API the flow run lives in"
-        )
-    return str(url)
 
 
 class PrefectApi:
@@ -68,7 +54,7 @@ class PrefectApi:
     @contextmanager
     def connect(cls, flow_run_id: uuid.UUID, *, api_wait: float) -> Iterator[PrefectApi]:
         """A client for the run; its first read waits up to ``api_wait`` s for the API."""
-        url = api_url()
+        url, _ = connection()
         with get_client(sync_client=True) as client:
             yield cls(client, flow_run_id, url=redact(url), api_wait=api_wait)
 
@@ -100,49 +86,6 @@ class PrefectApi:
                 )
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 5.0)
-
-    def claim(self) -> FlowRun:
-        """Make the run this runner's: propose Pending, as Prefect workers do (the server
-        refuses it for a run that is already Pending, Running or final). A run that is
-        already Pending was handed over by the Prefect worker that started this process
-        (workers propose Pending before they start their command): it is taken as is."""
-        flow_run = self.read_flow_run()
-        state = flow_run.state
-        if state is not None and state.is_pending():
-            log.info(
-                "flow run %s is Pending (submitted by a Prefect worker); taking it",
-                self.flow_run_id,
-            )
-            return flow_run
-        if state is not None and (
-            state.is_final() or state.is_running() or state.is_paused() or state.is_cancelling()
-        ):
-            raise NotExecuted(
-                f"flow run {self.flow_run_id} is already {state.name}; not executing it again"
-            )
-        try:
-            with self._http_errors("claiming the run"):
-                result = self._client.set_flow_run_state(self.flow_run_id, Pending())
-        except httpx.TransportError as exc:
-            raise ApiUnreachable(f"Prefect API unreachable while claiming the run: {exc}") from exc
-        if result.status != SetStateStatus.ACCEPT:
-            reason = getattr(result.details, "reason", None) or result.status.value
-            raise NotExecuted(f"flow run {self.flow_run_id} could not be claimed: {reason}")
-        flow_run.state = result.state
-        return flow_run
-
-    def read_deployment(self, deployment_id: uuid.UUID) -> DeploymentResponse:
-        try:
-            with self._http_errors("reading the deployment"):
-                return self._client.read_deployment(deployment_id)
-        except ObjectNotFound:
-            raise CodeLoadError(
-                f"deployment {deployment_id} of the flow run no longer exists"
-            ) from None
-        except httpx.TransportError as exc:
-            raise ApiUnreachable(
-                f"Prefect API unreachable while reading the deployment: {exc}"
-            ) from exc
 
     @contextmanager
     def _http_errors(self, doing: str) -> Iterator[None]:
@@ -184,31 +127,6 @@ class PrefectApi:
                 )
             ]
         )
-
-
-def flow_run_resources(flow_run: FlowRun) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """The flow run as an event resource, with its flow, deployment and tags as related
-    resources: the same shape the engine gives its own heartbeats."""
-    resource = {
-        "prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
-        "prefect.resource.name": flow_run.name or "",
-        "prefect.version": prefect.__version__,
-    }
-    related = [
-        {"prefect.resource.id": f"prefect.flow.{flow_run.flow_id}", "prefect.resource.role": "flow"}
-    ]
-    if flow_run.deployment_id:
-        related.append(
-            {
-                "prefect.resource.id": f"prefect.deployment.{flow_run.deployment_id}",
-                "prefect.resource.role": "deployment",
-            }
-        )
-    related += [
-        {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
-        for tag in sorted(flow_run.tags or [])
-    ]
-    return resource, related
 
 
 def emit(**event: Any) -> None:

@@ -43,6 +43,39 @@ class Settings(BaseSettings):
         "file:// or a path): .../<sha256>.tar.gz or any URL with #sha256=<hex>. Default: the "
         "flow run's code_url job variable, else the deployment's runner.steps.pull_bundle step.",
     )
+    senv_url: str | None = Field(
+        default=None,
+        description="URL of the flow's software environment spec, as `env push` prints it "
+        "(.../<sha256>.json or #sha256=<hex>). Default: the flow run's senv (or software) job "
+        "variable, else a lock file in the code bundle (pylock.toml, uv.lock, senv.json, "
+        "requirements.txt); none: the runner's own environment.",
+    )
+    image: str | None = Field(
+        default=None,
+        description="Container image to run the flow in (podman or docker), instead of an env "
+        "on the host; it must have prefect-vm-runner installed. Default: the flow run's image "
+        "job variable.",
+    )
+    container_run_args: str | None = Field(
+        default=None,
+        description="Extra flags for `podman run`/`docker run` with --image, shell-quoted "
+        "(e.g. '--runtime runc --gpus all').",
+    )
+    index_url: str | None = Field(
+        default=None,
+        description="Package index for environment installs (uv's --index-url); may hold "
+        "credentials, which are never logged. Default: uv's (PyPI, or UV_INDEX_URL).",
+    )
+    extra_index_url: str | None = Field(
+        default=None,
+        description="More package indexes for environment installs, space-separated.",
+    )
+    env_cache_bytes: int = Field(
+        default=20 * 1024**3,
+        gt=0,
+        description="Size past which the least recently used environments in "
+        "<workdir>/cache/envs are removed (never one in use).",
+    )
     max_bundle_bytes: int = Field(
         default=4 * 1024**3,
         gt=0,
@@ -113,6 +146,12 @@ class Settings(BaseSettings):
                 f"flow run id {self.flow_run_id!r} is not a UUID; pass the id shown in "
                 "the Prefect UI or by `prefect flow-run ls`"
             ) from None
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as ``RUNNER_*`` variables, for a process that reads them again
+        (the flow stage after an exec; a container)."""
+        values = self.model_dump(exclude_none=True)
+        return {env_var(name): str(value) for name, value in values.items()}
 
     def run_dir(self) -> Path:
         """The per-run directory under the workdir."""

@@ -1,0 +1,243 @@
+"""The Prefect REST calls the worker makes before Prefect is imported: read, claim, log.
+
+Why not Prefect's client here: ``import prefect`` costs over a second, and a
+worker that execs into the flow's environment would pay it twice (once to
+learn which environment, once inside it). These few calls are plain JSON, so
+the worker makes them with httpx (Prefect's own HTTP library) and imports
+Prefect once, in the interpreter that runs the flow. The rules (what counts as
+a claim; how errors map to exit codes) match ``runner.prefect_api``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+
+from runner.errors import ApiUnreachable, CodeLoadError, ConfigError, FlowRunNotFound, NotExecuted
+from runner.storage import redact
+
+log = logging.getLogger("runner")
+
+# Prefect's client retries these statuses too: the API is up but busy or restarting.
+_RETRY_STATUSES = {429, 502, 503, 504}
+_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+_NOT_AGAIN = _FINAL | {"RUNNING", "PAUSED", "CANCELLING"}
+
+
+def connection() -> tuple[str, dict[str, str]]:
+    """The API URL and auth headers: from PREFECT_API_URL / PREFECT_API_KEY /
+    PREFECT_API_AUTH_STRING when set (the usual case on a VM), else from Prefect's
+    own settings (profiles, .env, prefect.toml), which means importing Prefect."""
+    url = os.environ.get("PREFECT_API_URL")
+    key = os.environ.get("PREFECT_API_KEY")
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    if not url:
+        from prefect.settings import get_current_settings
+
+        api = get_current_settings().api
+        url = str(api.url) if api.url else None
+        key = api.key.get_secret_value() if api.key else None
+        auth = api.auth_string.get_secret_value() if api.auth_string else None
+    if not url:
+        raise ConfigError(
+            "PREFECT_API_URL is not set; set it (and PREFECT_API_KEY for Prefect Cloud) "
+            "to the API the flow run lives in"
+        )
+    headers = {"Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    elif auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    return url.rstrip("/"), headers
+
+
+class BootstrapApi:
+    """The flow run as plain JSON: read it, claim it, read its deployment, log to it."""
+
+    def __init__(self, flow_run_id: uuid.UUID, *, api_wait: float) -> None:
+        url, headers = connection()
+        self.flow_run_id = flow_run_id
+        self._url = redact(url)
+        self._api_wait = api_wait
+        self._http = httpx.Client(
+            base_url=url + "/", headers=headers, timeout=httpx.Timeout(30.0, connect=10.0)
+        )
+
+    def __enter__(self) -> BootstrapApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+
+    def read_flow_run(self) -> dict[str, Any]:
+        """Read the run, retrying with backoff while the API does not answer (or is busy)."""
+        response = self._request("GET", f"flow_runs/{self.flow_run_id}", "reading the flow run")
+        if response.status_code == 404:
+            raise FlowRunNotFound(
+                f"flow run {self.flow_run_id} does not exist in the Prefect API at "
+                f"{self._url}; check the id and PREFECT_API_URL (workspace)"
+            )
+        self._check(response, "reading the flow run")
+        return response.json()
+
+    def claim(self) -> dict[str, Any]:
+        """Make the run this runner's: propose Pending, as Prefect workers do (the server
+        refuses it for a run that is already Pending, Running or final). A run that is
+        already Pending was handed over by the Prefect worker that started this process
+        (workers propose Pending before they start their command): it is taken as is."""
+        flow_run = self.read_flow_run()
+        state = flow_run.get("state") or {}
+        if state.get("type") == "PENDING":
+            log.info(
+                "flow run %s is Pending (submitted by a Prefect worker); taking it",
+                self.flow_run_id,
+            )
+            return flow_run
+        if state.get("type") in _NOT_AGAIN:
+            raise NotExecuted(
+                f"flow run {self.flow_run_id} is already {state.get('name') or state['type']}; "
+                "not executing it again"
+            )
+        body = {"state": {"type": "PENDING", "name": "Pending"}, "force": False}
+        response = self._request(
+            "POST",
+            f"flow_runs/{self.flow_run_id}/set_state",
+            "claiming the run",
+            json=body,
+            retry=False,
+        )
+        self._check(response, "claiming the run")
+        result = response.json()
+        if result.get("status") != "ACCEPT":
+            reason = (result.get("details") or {}).get("reason") or result.get("status")
+            raise NotExecuted(f"flow run {self.flow_run_id} could not be claimed: {reason}")
+        flow_run["state"] = result["state"]
+        return flow_run
+
+    def read_deployment(self, deployment_id: str) -> dict[str, Any]:
+        response = self._request("GET", f"deployments/{deployment_id}", "reading the deployment")
+        if response.status_code == 404:
+            raise CodeLoadError(f"deployment {deployment_id} of the flow run no longer exists")
+        self._check(response, "reading the deployment")
+        return response.json()
+
+    def log(self, lines: list[tuple[int, str, datetime]]) -> None:
+        """Write lines (level, message, time) to the flow run's logs in Prefect; best
+        effort: a log that cannot be written never stops the run."""
+        if not lines:
+            return
+        body = [
+            {
+                "name": "runner",
+                "level": level,
+                "message": message,
+                "timestamp": when.isoformat(),
+                "flow_run_id": str(self.flow_run_id),
+            }
+            for level, message, when in lines
+        ]
+        try:
+            self._check(self._http.post("logs/", json=body), "writing logs")
+        except Exception as exc:
+            log.warning("could not write %d log line(s) to Prefect: %s", len(lines), exc)
+
+    def _request(
+        self, method: str, path: str, doing: str, *, retry: bool = True, **kwargs: Any
+    ) -> httpx.Response:
+        deadline = time.monotonic() + self._api_wait
+        delay = 0.5
+        while True:
+            try:
+                response = self._http.request(method, path, **kwargs)
+                if not (retry and response.status_code in _RETRY_STATUSES):
+                    return response
+                problem = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                if not retry:
+                    raise ApiUnreachable(
+                        f"Prefect API at {self._url} unreachable while {doing}: {exc}"
+                    ) from exc
+                problem = type(exc).__name__
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ApiUnreachable(
+                    f"Prefect API at {self._url} unreachable for {self._api_wait:g}s "
+                    f"({problem}); check PREFECT_API_URL and the network, or raise --api-wait"
+                )
+            log.info("Prefect API at %s not reachable yet (%s); retrying", self._url, problem)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
+
+    def _check(self, response: httpx.Response, doing: str) -> None:
+        """A refused key is a configuration error; anything else (5xx) is infrastructure."""
+        code = response.status_code
+        if code in (401, 403):
+            raise ConfigError(
+                f"Prefect API at {self._url} refused the request while {doing} (HTTP "
+                f"{code}); check PREFECT_API_KEY and its access to this workspace"
+            )
+        if code >= 400:
+            raise ApiUnreachable(f"Prefect API at {self._url} failed while {doing} (HTTP {code})")
+
+
+class RunLog:
+    """The worker's lines before Prefect's logging exists: to stderr now, and to the run's
+    logs in Prefect at each ``flush`` (one request per phase, not one per line)."""
+
+    def __init__(self, api: BootstrapApi) -> None:
+        self._api = api
+        self._pending: list[tuple[int, str, datetime]] = []
+
+    def info(self, message: str, *args: object) -> None:
+        self._add(logging.INFO, message % args if args else message)
+
+    def warning(self, message: str, *args: object) -> None:
+        self._add(logging.WARNING, message % args if args else message)
+
+    def error(self, message: str, *args: object) -> None:
+        self._add(logging.ERROR, message % args if args else message)
+
+    def _add(self, level: int, line: str) -> None:
+        log.log(level, "%s", line)
+        self._pending.append((level, line, datetime.now(timezone.utc)))
+
+    def flush(self) -> None:
+        lines, self._pending = self._pending, []
+        self._api.log(lines)
+
+
+def run_resources(flow_run: dict[str, Any]) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The flow run as an event resource, with its flow, deployment and tags as related
+    resources: the same shape the engine gives its own heartbeats."""
+    from importlib.metadata import version
+
+    resource = {
+        "prefect.resource.id": f"prefect.flow-run.{flow_run['id']}",
+        "prefect.resource.name": flow_run.get("name") or "",
+        "prefect.version": version("prefect"),
+    }
+    related = [
+        {
+            "prefect.resource.id": f"prefect.flow.{flow_run['flow_id']}",
+            "prefect.resource.role": "flow",
+        }
+    ]
+    if flow_run.get("deployment_id"):
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.deployment.{flow_run['deployment_id']}",
+                "prefect.resource.role": "deployment",
+            }
+        )
+    related += [
+        {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+        for tag in sorted(flow_run.get("tags") or [])
+    ]
+    return resource, related

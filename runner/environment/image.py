@@ -1,0 +1,95 @@
+"""Run the flow stage inside a container image with podman (or docker); the guard stays on the host.
+
+The worker execs the container CLI (same pid): the guard's signals reach the
+container through the CLI's signal proxy, and the flow stage inside reports
+over the worker's channel, passed in as fd 3 (podman ``--preserve-fds``).
+Docker cannot pass a descriptor; there the guard learns the outcome from the
+exit status and the run's state in Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from runner.errors import EnvBuildError
+from runner.settings import Settings
+
+CHANNEL_FD = 3
+# Variables the flow stage needs inside: Prefect's and the runner's settings, and
+# the usual cloud credentials (the flow talks to the same buckets as the host).
+_FORWARDED_PREFIXES = (
+    "PREFECT_", "RUNNER_", "AWS_", "GOOGLE_", "GCE_", "AZURE_", "COILED_", "DASK_", "UV_",
+)  # fmt: skip
+_FORWARDED_NAMES = ("STORAGE_EMULATOR_HOST", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "TZ")
+_TAIL_LINES = 8
+
+
+def container_cli() -> str:
+    """podman if present, else docker; a clear error when there is neither."""
+    for name in ("podman", "docker"):
+        if found := shutil.which(name):
+            return found
+    raise EnvBuildError(
+        "the flow run asks for a container image, but neither podman nor docker is on PATH; "
+        "install one (apt-get install podman) or run without --image"
+    )
+
+
+def prepare(
+    ref: str,
+    *,
+    settings: Settings,
+    stage_file: Path,
+    say: Callable[[str], None],
+) -> tuple[list[str], int | None]:
+    """Pull ``ref`` if it is not local yet; return the command that runs the flow stage
+    in it, and the fd the worker's channel must be on for it (None: no channel)."""
+    cli = container_cli()
+    _pull_if_missing(cli, ref, say=say)
+    podman = os.path.basename(cli) == "podman"
+    workdir = str(settings.workdir)
+    argv = [
+        cli, "run", "--rm", "--init", "--pull", "never", "--network", "host",
+        "--name", f"prefect-vm-runner-{settings.run_id()}",
+        "--volume", f"{workdir}:{workdir}", "--workdir", str(settings.run_dir()),
+    ]  # fmt: skip
+    if podman:
+        argv += ["--preserve-fds", "1"]
+    argv += shlex.split(settings.container_run_args or "")
+    # Names only: the CLI copies each value from its own environment, so no secret is
+    # ever in an argument list.
+    for name in sorted(_forwarded(os.environ) | set(settings.as_environment())):
+        argv += ["--env", name]
+    argv += [ref, "python3", "-m", "runner", "worker-stage", str(stage_file)]
+    return argv, CHANNEL_FD if podman else None
+
+
+def _forwarded(environ: os._Environ[str] | dict[str, str]) -> set[str]:
+    return {
+        name for name in environ if name.startswith(_FORWARDED_PREFIXES) or name in _FORWARDED_NAMES
+    }
+
+
+def _pull_if_missing(cli: str, ref: str, *, say: Callable[[str], None]) -> None:
+    present = subprocess.run(
+        [cli, "image", "inspect", "--format", "{{.Id}}", ref], capture_output=True, check=False
+    )
+    if present.returncode == 0:
+        say(f"image {ref}: present locally, no pull")
+        return
+    say(f"image {ref}: pulling with {os.path.basename(cli)}")
+    started = time.monotonic()
+    done = subprocess.run(
+        [cli, "pull", "--quiet", ref], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        tail = " | ".join(lines[-_TAIL_LINES:]) or f"exit {done.returncode}"
+        raise EnvBuildError(f"could not pull image {ref}: {tail}")
+    say(f"image {ref}: pulled in {time.monotonic() - started:.1f}s")
