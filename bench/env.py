@@ -33,7 +33,8 @@ from pathlib import Path
 from devtools.storage_servers import HttpFileServer
 from devtools.wheel_index import build_index, project_names, write_requirements
 
-GOALS = {"cold_ratio_max": 0.25, "warm_lookup_ms_max": 100.0}
+GOALS = {"cold_ratio_max": 0.25, "warm_lookup_ms_max": 100.0, "exec_overhead_max": 0.10}
+TRIVIAL_FLOW = Path(__file__).resolve().parent / "flows" / "trivial.py"
 TOP_MODULE = "rvm_app"  # imports (transitively) every package but one: proves the env works
 
 
@@ -102,12 +103,75 @@ def run(bench: Bench, *, runs: int, baseline_only: bool) -> dict:
     result["cold_ratio"] = round(medians["runner_cold"] / medians["pip"], 3)
     result["warm_lookup_ms"] = round(medians["runner_warm_lookup"] * 1000, 2)
     result["warm_wall_ms"] = round(medians["runner_warm_wall"] * 1000, 1)
+    result.update(measure_exec_overhead(bench, runs=max(runs, 3)))
     result["goals"] = GOALS
     result["met"] = (
         result["cold_ratio"] <= GOALS["cold_ratio_max"]
         and result["warm_lookup_ms"] < GOALS["warm_lookup_ms_max"]
+        and result["exec_overhead"] <= GOALS["exec_overhead_max"]
     )
     return result
+
+
+def measure_exec_overhead(bench: Bench, *, runs: int) -> dict:
+    """Time from `python -m runner` to the flow's first line, for the same trivial flow
+    run with no env and with a warm env (all ~20 packages): what the switch into the
+    env (spec lookup, cache hit, exec, the second interpreter's start) adds."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from devtools.prefect_server import PrefectServer
+
+    bundles = {}
+    for name, with_env in (("no_env", False), ("env", True)):
+        project = bench.fresh_dir(f"{name}-project-")
+        shutil.copy(TRIVIAL_FLOW, project / "trivial.py")
+        if with_env:
+            shutil.copy(bench.requirements, project / "requirements.txt")
+        push = [sys.executable, "-m", "runner", "bundle", "push", str(project)]
+        push += ["--to", f"file://{bench.scratch}/bucket"]
+        bundles[name] = _check(push, bench.env, "bundle push").strip()
+
+    workdir = bench.fresh_dir("exec-work-")
+    samples: dict[str, list[float]] = {"no_env": [], "env": []}
+    with PrefectServer(bench.scratch / "prefect") as server:
+        env = {**bench.env, **server.env()}
+        with (
+            temporary_settings(updates={PREFECT_API_URL: server.api_url}),
+            get_client(sync_client=True) as client,
+        ):
+            flow_id = client.create_flow_from_name("first-line")
+            deployments = {
+                name: client.create_deployment(
+                    flow_id=flow_id,
+                    name=f"bench-{name}",
+                    entrypoint="trivial.py:first_line",
+                    pull_steps=[{"runner.steps.pull_bundle": {"url": url}}],
+                )
+                for name, url in bundles.items()
+            }
+
+            def first_line(name: str) -> float:
+                stamp = bench.scratch / f"{name}-{time.time_ns()}.stamp"
+                run = client.create_flow_run_from_deployment(
+                    deployments[name], parameters={"stamp": str(stamp)}
+                )
+                command = [sys.executable, "-m", "runner", "--flow-run-id", str(run.id)]
+                command += ["--workdir", str(workdir), "--index-url", bench.index_url]
+                started = time.time()
+                _check(command, env, f"runner ({name})")
+                return float(stamp.read_text()) - started
+
+            first_line("env")  # builds the env and warms both bundles' caches
+            first_line("no_env")
+            for i in range(runs):
+                for name in ("no_env", "env") if i % 2 == 0 else ("env", "no_env"):
+                    samples[name].append(first_line(name))
+    no_env, with_env = (statistics.median(samples[k]) for k in ("no_env", "env"))
+    return {
+        "first_line_s": {"no_env": round(no_env, 3), "warm_env": round(with_env, 3)},
+        "exec_overhead": round(with_env / no_env - 1, 3),
+    }
 
 
 def measure_pip(bench: Bench) -> dict[str, float]:

@@ -11,7 +11,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from runner import __version__
+from runner import __version__, logs
 from runner.errors import ExitCode, RunnerError, internal_error_line
 from runner.settings import Settings, env_var, load_settings
 
@@ -19,7 +19,7 @@ log = logging.getLogger("runner")
 
 # Subcommands by name; anything else on the command line means `run` (so that
 # `python -m runner --flow-run-id ID` works as Prefect workers call it).
-COMMANDS = ("run", "bundle", "env", "worker-stage")
+COMMANDS = ("run", "bundle", "env")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,11 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except RunnerError as exc:
-        _configure_logging("INFO")
+        logs.configure("INFO")
         log.error("%s", exc)
         return int(exc.exit_code)
     except Exception as exc:  # a bug: still one line and a documented code
-        _configure_logging("INFO")
+        logs.configure("INFO")
         log.debug("internal error", exc_info=True)
         log.error("%s", internal_error_line(exc))
         return int(ExitCode.BOOTSTRAP_ERROR)
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in Settings.model_fields}
     settings = load_settings(**overrides)
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level)
     # Imported here so that `--help` and config errors stay instant.
     from runner import guard
 
@@ -71,10 +71,6 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     _add_bundle_commands(commands)
     _add_env_commands(commands)
-    # Internal: the flow stage after the worker's exec into an env or a container.
-    stage = commands.add_parser("worker-stage")
-    stage.add_argument("stage_file")
-    stage.set_defaults(handler=_worker_stage)
     return parser
 
 
@@ -120,7 +116,7 @@ def _add_bundle_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _bundle_push(args: argparse.Namespace) -> int:
-    _configure_logging("INFO")
+    logs.configure("INFO")
     from runner.steps import push_bundle
 
     print(push_bundle(args.to, args.path, capture=args.capture)["url"])
@@ -164,7 +160,7 @@ def _add_env_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _env_push(args: argparse.Namespace) -> int:
-    _configure_logging("INFO")
+    logs.configure("INFO")
     from runner.steps import push_senv
 
     print(push_senv(args.to, args.spec, capture=args.capture)["url"])
@@ -174,7 +170,7 @@ def _env_push(args: argparse.Namespace) -> int:
 def _env_build(args: argparse.Namespace) -> int:
     names = ("workdir", "index_url", "extra_index_url", "env_cache_bytes", "log_level")
     settings = load_settings(**{name: getattr(args, name) for name in names})
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level)
     import json
     from pathlib import Path
 
@@ -200,17 +196,9 @@ def _env_build(args: argparse.Namespace) -> int:
     return ExitCode.COMPLETED
 
 
-def _worker_stage(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    _configure_logging(settings.log_level)
-    from runner import worker
-
-    return worker.stage_main(args.stage_file, settings)
-
-
 def _bundle_pull(args: argparse.Namespace) -> int:
     settings = load_settings(workdir=args.workdir)
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level)
     from pathlib import Path
 
     from runner.code import fetch, pull
@@ -246,17 +234,3 @@ def _exit_code_table() -> str:
     }
     rows = "\n".join(f"  {int(code)}  {text}" for code, text in meanings.items())
     return f"exit codes:\n{rows}"
-
-
-def _configure_logging(level: str) -> None:
-    """The runner's own lines go to stderr (journald on a VM), one line each."""
-    logger = logging.getLogger("runner")
-    if logger.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
-    )
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False

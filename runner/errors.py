@@ -8,7 +8,8 @@ guard and the CLI only ever see this tree::
     ├── ConfigError                  exit 2  bad flag, setting or flow run id
     │   ├── FlowRunNotFound                  the API has no such flow run
     │   ├── UnsupportedUrl                   a storage URL with a scheme no backend serves
-    │   └── MissingDependency                an optional SDK is not installed (says the pip command)
+    │   ├── MissingDependency                an optional SDK is not installed (says the pip command)
+    │   └── EnvSpecError                     an environment spec that cannot be read or used
     ├── BootstrapError               exit 3  infrastructure fault before the flow ran
     │   ├── ApiUnreachable                   Prefect API not reachable within --api-wait
     │   ├── CodeLoadError                    the deployment's code could not be loaded
@@ -74,6 +75,10 @@ class UnsupportedUrl(ConfigError):
 
 
 class MissingDependency(ConfigError):
+    pass
+
+
+class EnvSpecError(ConfigError):
     pass
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
@@ -19,7 +20,6 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from prefect.states import State
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from runner.code import is_pull_bundle_step
 from runner.errors import CodeLoadError, RunnerError
 
 
@@ -28,23 +28,23 @@ def load_flow_code(
     deployment: DeploymentResponse,
     *,
     code_dir: Path | None,
+    pull_steps: list[dict[str, Any]],
     run_logger: logging.LoggerAdapter,
 ) -> Flow:
     """Import the flow from the deployment's entrypoint.
 
     With a code bundle (already extracted into ``code_dir`` by the worker's
-    bootstrap) the deployment's other pull steps run through Prefect's step
+    bootstrap) the deployment's other ``pull_steps`` run through Prefect's step
     runner; without one, Prefect's own loader handles the deployment's storage,
     path and pull steps."""
     try:
         if code_dir is None:
             return load_flow(flow_run)
         os.chdir(code_dir)
-        steps = [s for s in deployment.pull_steps or [] if not is_pull_bundle_step(s)]
-        if steps:
+        if pull_steps:
             output = run_coro_as_sync(
                 run_steps(
-                    steps,
+                    pull_steps,
                     print_function=run_logger.info,
                     deployment=deployment,
                     flow_run=flow_run,

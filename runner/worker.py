@@ -11,8 +11,6 @@ the flow stage there.
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import os
 import socket
@@ -20,29 +18,21 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from runner import __version__, code
 from runner.bootstrap_api import BootstrapApi, RunLog, run_resources
 from runner.channel import Sender
-from runner.errors import CodeLoadError, ExitCode, RunnerError, exit_code_for_state
+from runner.errors import CodeLoadError
 from runner.settings import Settings
+from runner.stage import Stage, reporting
+from runner.stage import run as run_flow_stage
 
 log = logging.getLogger("runner")
 
 STAGE_FILE = "stage.json"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """What the flow stage needs from the bootstrap, also as a file across an exec."""
-
-    flow_run: dict[str, Any]  # the API's JSON, as claimed
-    deployment: dict[str, Any]
-    code_dir: str | None  # the extracted bundle; None: Prefect's own loader places the code
-    channel_fd: int
 
 
 def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
@@ -51,35 +41,7 @@ def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
 
     Everything the guard needs to know is also sent over ``channel``: ``claimed``
     once the run is ours, ``finished`` with the final state, or ``error``."""
-    return _reporting(channel, lambda: _bootstrap(settings, flow_run_id, channel))
-
-
-def stage_main(stage_file: str, settings: Settings) -> int:
-    """``python -m runner worker-stage FILE``: the flow stage after an exec."""
-    stage = Stage(**json.loads(Path(stage_file).read_text()))
-    channel = Sender(stage.channel_fd)
-    return _reporting(channel, lambda: _flow_stage(settings, stage, channel))
-
-
-def _reporting(channel: Sender, body: Callable[[], int]) -> int:
-    try:
-        return body()
-    except RunnerError as exc:
-        channel.send("error", message=str(exc), exit_code=int(exc.exit_code))
-        return int(exc.exit_code)
-    except BaseException as exc:  # a bug, or a signal the engine turned into an exception
-        log.debug("worker stopped by an exception", exc_info=True)
-        channel.send(
-            "error",
-            message=f"worker stopped: {type(exc).__name__}: {exc}",
-            exit_code=ExitCode.CRASHED,
-        )
-        return int(ExitCode.CRASHED)
-    finally:
-        if "prefect" in sys.modules:  # logs and events queued by the flow stage
-            from runner.prefect_api import flush_prefect
-
-            flush_prefect()
+    return reporting(channel, lambda: _bootstrap(settings, flow_run_id, channel))
 
 
 def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
@@ -112,13 +74,23 @@ def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> i
                 run_log.flush()  # what happened so far is visible while the code downloads
                 pulled = code.pull(url, run_dir / "code", settings=settings, say=run_log.info)
                 code_dir = pulled.directory
-            stage = Stage(flow_run, deployment, str(code_dir) if code_dir else None, channel.fd)
+            stage = Stage(
+                flow_run=flow_run,
+                deployment=deployment,
+                code_dir=str(code_dir) if code_dir else None,
+                pull_steps=[
+                    s for s in deployment.get("pull_steps") or [] if not code.is_pull_bundle_step(s)
+                ],
+                run_dir=str(run_dir),
+                log_level=settings.log_level,
+                channel_fd=channel.fd,
+            )
             switch = _environment(settings, flow_run, code_dir, stage, run_log)
         finally:
             run_log.flush()
     if switch is not None:
         switch()  # execs: never returns
-    return _flow_stage(settings, stage, channel)
+    return run_flow_stage(stage, channel)
 
 
 def _environment(
@@ -165,41 +137,9 @@ def _exec(argv: list[str], stage: Stage, settings: Settings, *, channel_to: int 
             os.dup2(stage.channel_fd, channel_to)  # a container gets fds from 3 up
         os.set_inheritable(channel_to, True)
         channel_fd = channel_to
-    stage_file = _stage_file(settings)
-    fd = os.open(stage_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({**asdict(stage), "channel_fd": channel_fd}, out)
+    replace(stage, channel_fd=channel_fd).write(_stage_file(settings))
     env = {**os.environ, **settings.as_environment()}
     log.info("worker pid %d: exec %s", os.getpid(), " ".join(argv[:3]) + " ...")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
-
-
-def _flow_stage(settings: Settings, stage: Stage, channel: Sender) -> int:
-    """Import Prefect, load the flow from the placed code, and run it through the engine."""
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.client.schemas.responses import DeploymentResponse
-    from prefect.logging.loggers import flow_run_logger
-
-    from runner.execute import load_flow_code, run_in_process
-
-    started = time.monotonic()
-    flow_run = FlowRun.model_validate(stage.flow_run)
-    deployment = DeploymentResponse.model_validate(stage.deployment)
-    run_logger = flow_run_logger(flow_run)
-    os.chdir(settings.run_dir())
-    flow = load_flow_code(
-        flow_run,
-        deployment,
-        code_dir=Path(stage.code_dir) if stage.code_dir else None,
-        run_logger=run_logger,
-    )
-    run_logger.info("flow code loaded into %s in %.2fs", Path.cwd(), time.monotonic() - started)
-
-    # GC stays paused through the bootstrap (bounded work, few cycles) and is on
-    # for the flow's own code.
-    gc.enable()
-    state = run_in_process(flow, flow_run)
-    channel.send("finished", state=state.type.value, name=state.name, message=state.message)
-    return int(exit_code_for_state(state.type.value))

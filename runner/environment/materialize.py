@@ -8,9 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.environment.spec import EnvSpec
-
 from runner.environment.cache import EnvCache
+from runner.environment.spec import EnvSpec
 from runner.environment.uv import build, env_key
 from runner.settings import Settings
 

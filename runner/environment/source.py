@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from runner.environment.spec import EnvSpec, find_in, from_bytes
-
 from runner.errors import ConfigError
 from runner.settings import Settings
 

@@ -28,7 +28,6 @@ from importlib import metadata
 from pathlib import Path
 
 from runner.environment.spec import EnvSpec
-
 from runner.errors import EnvBuildError
 from runner.settings import Settings
 from runner.storage import redact

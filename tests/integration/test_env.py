@@ -234,3 +234,28 @@ def test_env_build_prebakes_the_cache(runner, index_url, tmp_path):
         text=True,
     )
     assert imported.stdout.strip() == "rvm-yaml 0.9.0", imported.stderr
+
+
+@pytest.mark.parametrize("kind", ["uv-project", "pylock"])
+def test_locked_specs_in_the_bundle(kind, runner, flow_run, client, index_url, tmp_path):
+    from uv import find_uv_bin
+
+    project = _project(tmp_path)
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "flowproj"\nversion = "0.1"\nrequires-python = ">=3.10"\n'
+        'dependencies = ["rvm-app"]\n\n[tool.uv]\npackage = false\n'
+    )
+    uv_env = {**runner.env(), "UV_INDEX_URL": index_url, "UV_CACHE_DIR": str(tmp_path / "uvc")}
+    subprocess.run([find_uv_bin(), "lock", "-q"], cwd=project, env=uv_env, check=True)
+    if kind == "pylock":
+        export = [find_uv_bin(), "export", "-q", "--frozen", "--format", "pylock.toml"]
+        subprocess.run([*export, "-o", "pylock.toml"], cwd=project, env=uv_env, check=True)
+        (project / "uv.lock").unlink()
+        (project / "pyproject.toml").unlink()
+    run = _run_of(flow_run, _bundle(runner, project, tmp_path))
+
+    result = runner.run("--flow-run-id", str(run.id), "--index-url", index_url)
+
+    assert result.returncode == 0, result.stderr
+    assert client.read_flow_run(run.id).state.result() == "rvm-core 1.1.0"
+    assert f"environment spec from the code bundle ({kind})" in _logs(client, run.id)

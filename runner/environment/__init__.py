@@ -1,0 +1,1 @@
+"""The flow's software environment: specs, materialization with uv, container images."""

@@ -1,0 +1,20 @@
+"""The runner's own log lines: one format, to stderr (the journal on a VM)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def configure(level: str) -> None:
+    """One line per record, naming the process, so guard and worker lines can be told apart."""
+    logger = logging.getLogger("runner")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
+    )
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

@@ -1,0 +1,110 @@
+"""The flow stage: import Prefect, load the flow from its placed code, and run it through
+the engine; in the worker's own process, or after its exec into an env or a container.
+
+Light on purpose: after an exec, ``python -m runner worker-stage FILE`` comes
+straight here (see ``__main__``), so the new interpreter imports little besides
+Prefect itself; everything it needs from the bootstrap is in the stage file.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.channel import Sender
+from runner.errors import ExitCode, RunnerError, exit_code_for_state
+
+log = logging.getLogger("runner")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the flow stage needs from the bootstrap; a file across an exec."""
+
+    flow_run: dict[str, Any]  # the API's JSON, as claimed
+    deployment: dict[str, Any]
+    code_dir: str | None  # the extracted bundle; None: Prefect's own loader places the code
+    pull_steps: list[dict[str, Any]]  # the deployment's pull steps still to run
+    run_dir: str
+    log_level: str
+    channel_fd: int  # -1: no guard to tell (a container without a passed descriptor)
+
+    def write(self, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds run data
+        with os.fdopen(fd, "w") as out:
+            json.dump(asdict(self), out)
+
+    @classmethod
+    def read(cls, path: str) -> Stage:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def main(stage_file: str) -> int:
+    """``python -m runner worker-stage FILE``: the flow stage after the worker's exec."""
+    stage = Stage.read(stage_file)
+    from runner import logs
+
+    logs.configure(stage.log_level)
+    channel = Sender(stage.channel_fd)
+    return reporting(channel, lambda: run(stage, channel))
+
+
+def reporting(channel: Sender, body: Callable[[], int]) -> int:
+    """Run ``body``; tell the guard how it ended (``error`` with the line and exit code
+    when it raised) and return the exit code. Never raises."""
+    try:
+        return body()
+    except RunnerError as exc:
+        channel.send("error", message=str(exc), exit_code=int(exc.exit_code))
+        return int(exc.exit_code)
+    except BaseException as exc:  # a bug, or a signal the engine turned into an exception
+        log.debug("worker stopped by an exception", exc_info=True)
+        channel.send(
+            "error",
+            message=f"worker stopped: {type(exc).__name__}: {exc}",
+            exit_code=ExitCode.CRASHED,
+        )
+        return int(ExitCode.CRASHED)
+    finally:
+        if "prefect" in sys.modules:  # logs and events queued by the flow stage
+            from runner.prefect_api import flush_prefect
+
+            flush_prefect()
+
+
+def run(stage: Stage, channel: Sender) -> int:
+    """Import Prefect, load the flow from the placed code, and run it through the engine."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.responses import DeploymentResponse
+    from prefect.logging.loggers import flow_run_logger
+
+    from runner.execute import load_flow_code, run_in_process
+
+    started = time.monotonic()
+    flow_run = FlowRun.model_validate(stage.flow_run)
+    deployment = DeploymentResponse.model_validate(stage.deployment)
+    run_logger = flow_run_logger(flow_run)
+    os.chdir(stage.run_dir)
+    flow = load_flow_code(
+        flow_run,
+        deployment,
+        code_dir=Path(stage.code_dir) if stage.code_dir else None,
+        pull_steps=stage.pull_steps,
+        run_logger=run_logger,
+    )
+    run_logger.info("flow code loaded into %s in %.2fs", Path.cwd(), time.monotonic() - started)
+
+    # GC stays paused through the bootstrap (bounded work, few cycles) and is on
+    # for the flow's own code.
+    gc.enable()
+    state = run_in_process(flow, flow_run)
+    channel.send("finished", state=state.type.value, name=state.name, message=state.message)
+    return int(exit_code_for_state(state.type.value))
