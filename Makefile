@@ -30,6 +30,7 @@ test: install node_modules/.installed
 bench: install
 	$(PY) -m bench.startup
 	$(PY) -m bench.pull
+	$(PY) -m bench.env
 
 lint: install
 	$(VENV)/bin/ruff check runner tests bench devtools examples

@@ -1,10 +1,12 @@
-"""Deployment steps for prefect.yaml: ``runner.steps.push_bundle`` and ``runner.steps.pull_bundle``.
+"""Deployment steps for prefect.yaml: ``runner.steps.push_bundle``, ``push_senv`` and
+``pull_bundle``.
 
     push:
       - runner.steps.push_bundle:
           id: bundle
           path: .
           to: s3://my-bucket/flows
+          capture: true            # optional: the current environment, as senv.json
     pull:
       - runner.steps.pull_bundle:
           url: "{{ bundle.url }}"
