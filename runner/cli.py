@@ -20,6 +20,8 @@ log = logging.getLogger("runner")
 # Subcommands by name; anything else on the command line means `run` (so that
 # `python -m runner --flow-run-id ID` works as Prefect workers call it).
 COMMANDS = ("run", "bundle", "env")
+# The settings `env build` reads (it builds into the workdir's cache, as a run would).
+_ENV_BUILD_SETTINGS = ("workdir", "index_url", "extra_index_url", "env_cache_bytes", "log_level")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,14 +149,7 @@ def _add_env_commands(commands: argparse._SubParsersAction) -> None:
         "using the same workdir and interpreter starts without installing anything.",
     )
     build.add_argument("spec", metavar="SPEC", help="a spec file, or a URL as `env push` prints")
-    for name in ("workdir", "index_url", "extra_index_url", "env_cache_bytes", "log_level"):
-        field = Settings.model_fields[name]
-        build.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=None,
-            help=f"{field.description} [env {env_var(name)}]",
-        )
+    _add_settings_flags(build, only=_ENV_BUILD_SETTINGS)
     build.add_argument("--json", action="store_true", help="print the result as one JSON line")
     build.set_defaults(handler=_env_build)
 
@@ -168,8 +163,7 @@ def _env_push(args: argparse.Namespace) -> int:
 
 
 def _env_build(args: argparse.Namespace) -> int:
-    names = ("workdir", "index_url", "extra_index_url", "env_cache_bytes", "log_level")
-    settings = load_settings(**{name: getattr(args, name) for name in names})
+    settings = load_settings(**{name: getattr(args, name) for name in _ENV_BUILD_SETTINGS})
     logs.configure(settings.log_level)
     import json
     from pathlib import Path
@@ -210,9 +204,14 @@ def _bundle_pull(args: argparse.Namespace) -> int:
     return ExitCode.COMPLETED
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field, so that --help always lists every setting."""
+def _add_settings_flags(
+    parser: argparse.ArgumentParser, *, only: Sequence[str] | None = None
+) -> None:
+    """One flag per Settings field (or per field in ``only``), so that --help always
+    lists every setting a command reads."""
     for name, field in Settings.model_fields.items():
+        if only is not None and name not in only:
+            continue
         kwargs: dict[str, typing.Any] = {"dest": name, "default": None}
         if typing.get_origin(field.annotation) is typing.Literal:
             kwargs["choices"] = typing.get_args(field.annotation)

@@ -136,3 +136,27 @@ def test_no_podman_nor_docker_is_one_clear_line(runner, flow_run, client, tmp_pa
     assert "neither podman nor docker" in result.error_lines()[0]
     assert client.read_flow_run(run.id).state.is_crashed()
     assert result.teardowns == ["3"]
+
+
+def test_secrets_reach_the_container_by_name_only(runner_image, monkeypatch, tmp_path):
+    from runner.environment import image
+    from runner.settings import Settings
+
+    monkeypatch.setenv("PREFECT_API_KEY", "pnu_sekret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-sekret")
+    settings = Settings(
+        flow_run_id="8f0e5bb0-5bb4-4b4a-9a43-4d4c3c8e1a11",
+        workdir=tmp_path,
+        index_url="https://robot:index-sekret@pypi.example/simple",
+    )
+
+    argv, channel_fd = image.prepare(
+        runner_image, settings=settings, stage_file=tmp_path / "stage.json", say=lambda _: None
+    )
+
+    command = " ".join(argv)
+    assert "sekret" not in command
+    for name in ("PREFECT_API_KEY", "AWS_SECRET_ACCESS_KEY", "RUNNER_INDEX_URL"):
+        assert f"--env {name}" in command
+    assert channel_fd == image.CHANNEL_FD and "--preserve-fds 1" in command
+    assert argv[-4:] == ["-m", "runner", "worker-stage", str(tmp_path / "stage.json")]
