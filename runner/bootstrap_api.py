@@ -35,6 +35,26 @@ def connection() -> tuple[str, dict[str, str]]:
     """The API URL and auth headers: from PREFECT_API_URL / PREFECT_API_KEY /
     PREFECT_API_AUTH_STRING when set (the usual case on a VM), else from Prefect's
     own settings (profiles, .env, prefect.toml), which means importing Prefect."""
+    url, key, auth = _resolved()
+    headers = {"Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    elif auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    return url.rstrip("/"), headers
+
+
+def prefect_environment() -> dict[str, str]:
+    """PREFECT_API_URL / _KEY / _AUTH_STRING as variables, for a process that cannot read
+    this machine's Prefect profile (a container); empty when they are variables already."""
+    if os.environ.get("PREFECT_API_URL"):
+        return {}
+    url, key, auth = _resolved()
+    values = {"PREFECT_API_URL": url, "PREFECT_API_KEY": key, "PREFECT_API_AUTH_STRING": auth}
+    return {name: value for name, value in values.items() if value}
+
+
+def _resolved() -> tuple[str, str | None, str | None]:
     url = os.environ.get("PREFECT_API_URL")
     key = os.environ.get("PREFECT_API_KEY")
     auth = os.environ.get("PREFECT_API_AUTH_STRING")
@@ -50,12 +70,11 @@ def connection() -> tuple[str, dict[str, str]]:
             "PREFECT_API_URL is not set; set it (and PREFECT_API_KEY for Prefect Cloud) "
             "to the API the flow run lives in"
         )
-    headers = {"Accept": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    elif auth:
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    return url.rstrip("/"), headers
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"PREFECT_API_URL must start with http:// or https://, got {redact(url)!r}"
+        )
+    return url, key, auth
 
 
 class BootstrapApi:

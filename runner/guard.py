@@ -132,6 +132,7 @@ def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID, signals: _Si
         raise
     finally:
         os.close(inbox_fd)
+    _remove_orphan_container(inbox, ended)
     return _conclude(settings, flow_run_id, inbox, ended)
 
 
@@ -247,6 +248,21 @@ def _conclude(
         log.error("could not report the crash to Prefect: %s", exc)
     log.error("flow run %s crashed: %s", flow_run_id, message)
     return code
+
+
+def _remove_orphan_container(inbox: Inbox, ended: WorkerExit) -> None:
+    """A container CLI killed by a signal (SIGKILL after the grace period) leaves its
+    container running the flow, unwatched: remove it."""
+    container = inbox.last("container")
+    if container is None or ended.exit_code is not None:
+        return
+    from runner.environment.image import remove
+
+    log.info("removing container %s, whose CLI was killed", container["name"])
+    try:
+        remove(container["cli"], container["name"])
+    except Exception as exc:  # the report and teardown still come
+        log.error("could not remove container %s: %s", container["name"], exc)
 
 
 def _emit(**event: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import tempfile
 import uuid
 from pathlib import Path
@@ -125,6 +126,13 @@ class Settings(BaseSettings):
         # The worker chdirs into the run's directory: a relative workdir would then
         # point somewhere else and the cache would never be shared between runs.
         return value.expanduser().resolve()
+
+    @field_validator("container_run_args")
+    @classmethod
+    def _shell_quoted(cls, value: str | None) -> str | None:
+        if value:
+            shlex.split(value)  # a ValueError here is one clear settings error
+        return value
 
     @model_validator(mode="after")
     def _exit_command_given(self) -> Settings:

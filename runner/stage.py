@@ -49,9 +49,14 @@ class Stage:
 
 def main(stage_file: str) -> int:
     """``python -m runner worker-stage FILE``: the flow stage after the worker's exec."""
-    stage = Stage.read(stage_file)
     from runner import logs
 
+    try:
+        stage = Stage.read(stage_file)
+    except (OSError, ValueError, TypeError) as exc:  # a lost file, or host and image skew
+        logs.configure("INFO")
+        log.error("cannot read the flow stage file %s: %s", stage_file, exc)
+        return int(ExitCode.BOOTSTRAP_ERROR)
     logs.configure(stage.log_level)
     channel = Sender(stage.channel_fd)
     return reporting(channel, lambda: run(stage, channel))
@@ -63,6 +68,8 @@ def reporting(channel: Sender, body: Callable[[], int]) -> int:
     try:
         return body()
     except RunnerError as exc:
+        if channel.fd < 0:  # nobody to tell but the log (a container without a channel)
+            log.error("%s", exc)
         channel.send("error", message=str(exc), exit_code=int(exc.exit_code))
         return int(exc.exit_code)
     except BaseException as exc:  # a bug, or a signal the engine turned into an exception

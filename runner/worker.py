@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from runner import __version__, code
-from runner.bootstrap_api import BootstrapApi, RunLog, run_resources
+from runner.bootstrap_api import BootstrapApi, RunLog, prefect_environment, run_resources
 from runner.channel import Sender
-from runner.errors import CodeLoadError
+from runner.errors import BootstrapError, CodeLoadError, EnvBuildError
 from runner.settings import Settings
 from runner.stage import Stage, reporting
 from runner.stage import run as run_flow_stage
@@ -41,7 +42,19 @@ def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
 
     Everything the guard needs to know is also sent over ``channel``: ``claimed``
     once the run is ours, ``finished`` with the final state, or ``error``."""
+    # Until the flow stage, SIGTERM (forwarded by the guard) is an exception: a uv build
+    # or an image pull in progress is then killed with us (subprocess.run kills its child
+    # on any exception) instead of writing on into a directory the next runner removes.
+    signal.signal(signal.SIGTERM, _stopped)
     return reporting(channel, lambda: _bootstrap(settings, flow_run_id, channel))
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one is not caught
+    raise BootstrapError(
+        f"stopped by {signal.Signals(signum).name} while preparing the flow run "
+        "(claim, code, environment); the flow did not start"
+    )
 
 
 def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
@@ -85,11 +98,12 @@ def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> i
                 log_level=settings.log_level,
                 channel_fd=channel.fd,
             )
-            switch = _environment(settings, flow_run, code_dir, stage, run_log)
+            switch = _environment(settings, flow_run, code_dir, stage, run_log, channel)
         finally:
             run_log.flush()
     if switch is not None:
         switch()  # execs: never returns
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the engine handles it from here
     return run_flow_stage(stage, channel)
 
 
@@ -99,18 +113,27 @@ def _environment(
     code_dir: Path | None,
     stage: Stage,
     run_log: RunLog,
+    channel: Sender,
 ) -> Callable[[], NoReturn] | None:
     """How to get into the flow's environment: an exec into a container or a built env,
     or None to run the flow stage right here, in the runner's own environment."""
     from runner.environment import image
     from runner.environment.source import find_spec, image_ref
 
-    if ref := image_ref(settings, flow_run):
+    if ref := image_ref(settings, flow_run, say=run_log.info):
         run_log.flush()  # a pull can take a while
-        argv, channel_fd = image.prepare(
-            ref, settings=settings, stage_file=_stage_file(settings), say=run_log.info
+        api_env = prefect_environment()  # a profile's URL and key, which podman forwards
+        launch = image.prepare(
+            ref,
+            settings=settings,
+            stage_file=_stage_file(settings),
+            extra_env=api_env,
+            say=run_log.info,
         )
-        return lambda: _exec(argv, stage, settings, channel_to=channel_fd)
+        channel.send("container", cli=launch.cli, name=launch.name)
+        return lambda: _exec(
+            launch.argv, stage, settings, channel_to=launch.channel_fd, env=api_env
+        )
     spec = find_spec(settings, flow_run, code_dir, say=run_log.info)
     if spec is None:
         return None
@@ -119,14 +142,25 @@ def _environment(
     run_log.flush()  # a cold build can take a while: show what is happening
     ready = materialize(spec, settings=settings, say=run_log.info)
     argv = [str(ready.python), "-m", "runner", "worker-stage", str(_stage_file(settings))]
-    return lambda: _exec(argv, stage, settings, channel_to=stage.channel_fd)
+    env_root = str(ready.python.parent.parent)
+    # As an activated venv: the env's console scripts and `python` come first for the
+    # flow's subprocesses too.
+    activated = {"VIRTUAL_ENV": env_root, "PATH": f"{env_root}/bin:{os.environ.get('PATH', '')}"}
+    return lambda: _exec(argv, stage, settings, channel_to=stage.channel_fd, env=activated)
 
 
 def _stage_file(settings: Settings) -> Path:
     return settings.run_dir() / STAGE_FILE
 
 
-def _exec(argv: list[str], stage: Stage, settings: Settings, *, channel_to: int | None) -> NoReturn:
+def _exec(
+    argv: list[str],
+    stage: Stage,
+    settings: Settings,
+    *,
+    channel_to: int | None,
+    env: dict[str, str],
+) -> NoReturn:
     """Replace this process (same pid: the guard's pidfd and signals still reach it) with
     the flow stage in another interpreter, its channel on fd ``channel_to`` (None: it
     has none). Settings travel in the environment, never in the arguments, where every
@@ -138,8 +172,10 @@ def _exec(argv: list[str], stage: Stage, settings: Settings, *, channel_to: int 
         os.set_inheritable(channel_to, True)
         channel_fd = channel_to
     replace(stage, channel_fd=channel_fd).write(_stage_file(settings))
-    env = {**os.environ, **settings.as_environment()}
     log.info("worker pid %d: exec %s", os.getpid(), " ".join(argv[:3]) + " ...")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, env)
+    try:
+        os.execve(argv[0], argv, {**os.environ, **settings.as_environment(), **env})
+    except OSError as exc:
+        raise EnvBuildError(f"could not start the flow stage ({argv[0]}): {exc}") from exc

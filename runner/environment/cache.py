@@ -49,14 +49,15 @@ class EnvCache:
         final = self.path(key)
         use = self._use_lock(key)
         try:
-            if self._hold_if_present(final, use):
-                return CachedEnv(final, True, use)
-            with self._locked(f".{key}.build", fcntl.LOCK_EX):
-                hit = final.is_dir()  # another caller built it while we waited
-                if not hit:
-                    self._build(key, final, build)
-                if not self._hold_if_present(final, use):  # collected in between: rare
-                    raise RuntimeError(f"environment {key[:12]} vanished right after its build")
+            hit = self._hold_if_present(final, use)
+            if not hit:
+                with self._locked(f".{key}.build", fcntl.LOCK_EX):
+                    hit = self._hold_if_present(final, use)  # built while we waited
+                    if not hit:
+                        # Held before the env exists: the collector can never take it
+                        # between its rename into place and our first use.
+                        fcntl.flock(use, fcntl.LOCK_SH)
+                        self._build(key, final, build)
         except BaseException:
             os.close(use)
             raise
@@ -95,16 +96,27 @@ class EnvCache:
         try:
             build(tmp)
             (tmp / _SIZE).write_text(str(_tree_size(tmp)))
+            _touch(tmp)  # never the oldest entry when it appears
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def collect(self, *, keep: str | None = None) -> list[str]:
         """Remove least recently used environments until the cache fits ``max_bytes``;
-        one in use (its lock held by a live process) is never removed. Returns the keys
+        one in use (its lock held by a live process) is never removed. Best effort: a
+        failure is logged, never raised (the caller's env is ready). Returns the keys
         removed."""
+        try:
+            return self._collect(keep)
+        except OSError as exc:
+            log.warning("environment cache: collection stopped: %s", exc)
+            return []
+
+    def _collect(self, keep: str | None) -> list[str]:
+        for trash in self.root.glob(".*.trash"):  # a collector that died mid-delete
+            shutil.rmtree(trash, ignore_errors=True)
         entries = []
-        for path in self.root.iterdir() if self.root.is_dir() else []:
+        for path in self.root.iterdir():
             if path.name.startswith(".") or not path.is_dir():
                 continue
             entries.append((_last_used(path), _recorded_size(path), path.name))
@@ -115,12 +127,12 @@ class EnvCache:
                 break
             if key == keep:
                 continue
+            trash = self.root / f".{key}.{os.getpid()}.trash"
             with self._exclusive_now(key) as free:
-                if not free:
+                if not free or not self.path(key).is_dir():  # in use, or another collector's
                     continue
-                trash = self.root / f".{key}.{os.getpid()}.trash"
-                os.rename(self.path(key), trash)  # gone at once for readers; delete after
-                shutil.rmtree(trash, ignore_errors=True)
+                os.rename(self.path(key), trash)  # gone at once for readers
+            shutil.rmtree(trash, ignore_errors=True)  # slow part, outside the lock
             total -= size
             removed.append(key)
             log.info(

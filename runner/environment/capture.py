@@ -26,16 +26,25 @@ def capture(prefix: Path | None = None) -> EnvSpec:
         raise MissingDependency(
             "capturing the environment needs coiled; pip install 'prefect-vm-runner[capture]'"
         ) from None
-    packages, notes = [], []
+    packages, notes, system = [], [], []
     for package in asyncio.run(scan_prefix(prefix=prefix)):
         name = package["name"]
-        if name == _SELF:
+        if name in (_SELF, "python"):  # the interpreter is pinned below, as Coiled does
+            continue
+        if package["source"] == "conda" and not _is_python_dist(package.get("path")):
+            # A conda env is mostly C libraries (libcurl, aws-c-*, ...): their names
+            # mean nothing on PyPI, and the wheels of the Python packages bundle them.
+            system.append(package.get("conda_name") or name)
             continue
         if package.get("wheel_target"):
             notes.append(
                 f"{name} is installed from a local path ({package['wheel_target']}); "
                 "not captured: bundle its code or publish it to your index"
             )
+            continue
+        if not _is_pep440(package["version"]):
+            # Conda builds may carry versions like 1.7.1dev.rapidsai23.04: no pin for uv.
+            notes.append(f"{name} {package['version']} has no PEP 440 version; not captured")
             continue
         packages.append(
             {
@@ -51,5 +60,26 @@ def capture(prefix: Path | None = None) -> EnvSpec:
         {"name": "python", "source": "conda", "conda_name": "python",
          "specifier": f"=={major}.{minor}.*", "include": True}
     )  # fmt: skip
+    if system:
+        notes.append(
+            f"{len(system)} conda packages without Python metadata (system libraries) "
+            f"not captured: {', '.join(sorted(system))}"
+        )
     spec = from_bytes("captured.json", json.dumps({"packages": packages}).encode())
     return EnvSpec(spec.kind, spec.files, spec.python, (*notes, *spec.notes))
+
+
+def _is_python_dist(path: object) -> bool:
+    """Whether a scanned conda package installed Python metadata (scan_prefix points
+    ``path`` at its .dist-info/.egg-info then, else at any one of its files)."""
+    return path is not None and Path(str(path)).suffix in (".dist-info", ".egg-info")
+
+
+def _is_pep440(version: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        Version(version)
+    except InvalidVersion:
+        return False
+    return True

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from runner.errors import EnvBuildError
@@ -41,33 +42,54 @@ def container_cli() -> str:
     )
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How to run the flow stage in the container."""
+
+    argv: list[str]
+    channel_fd: int | None  # where the worker's channel must be; None: it cannot pass
+    cli: str
+    name: str  # the container's, for removing it if the CLI is killed
+
+
 def prepare(
     ref: str,
     *,
     settings: Settings,
     stage_file: Path,
+    extra_env: dict[str, str],
     say: Callable[[str], None],
-) -> tuple[list[str], int | None]:
-    """Pull ``ref`` if it is not local yet; return the command that runs the flow stage
-    in it, and the fd the worker's channel must be on for it (None: no channel)."""
+) -> Launch:
+    """Pull ``ref`` if it is not local yet; return how to run the flow stage in it.
+    ``extra_env`` holds variables the exec adds (forwarded by name like the rest)."""
     cli = container_cli()
     _pull_if_missing(cli, ref, say=say)
     podman = os.path.basename(cli) == "podman"
     workdir = str(settings.workdir)
+    name = f"prefect-vm-runner-{settings.run_id()}"
     argv = [
         cli, "run", "--rm", "--init", "--pull", "never", "--network", "host",
-        "--name", f"prefect-vm-runner-{settings.run_id()}",
+        "--name", name,
         "--volume", f"{workdir}:{workdir}", "--workdir", str(settings.run_dir()),
     ]  # fmt: skip
     if podman:
-        argv += ["--preserve-fds", "1"]
+        # --replace: a container of an earlier attempt at this run (its CLI killed) must
+        # not block this one.
+        argv += ["--preserve-fds", "1", "--replace"]
     argv += shlex.split(settings.container_run_args or "")
     # Names only: the CLI copies each value from its own environment, so no secret is
     # ever in an argument list.
-    for name in sorted(_forwarded(os.environ) | set(settings.as_environment())):
-        argv += ["--env", name]
+    for variable in sorted(
+        _forwarded(os.environ) | set(settings.as_environment()) | set(extra_env)
+    ):
+        argv += ["--env", variable]
     argv += [ref, "python3", "-m", "runner", "worker-stage", str(stage_file)]
-    return argv, CHANNEL_FD if podman else None
+    return Launch(argv, CHANNEL_FD if podman else None, cli, name)
+
+
+def remove(cli: str, name: str) -> None:
+    """Remove the container ``name`` if it is still there (its CLI was killed); quiet."""
+    subprocess.run([cli, "rm", "--force", name], capture_output=True, check=False, timeout=60)
 
 
 def _forwarded(environ: os._Environ[str] | dict[str, str]) -> set[str]:

@@ -4,6 +4,7 @@ job variables, or a lock file in its code bundle."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,27 @@ SENV_VARIABLES = ("senv", "software")
 IMAGE_VARIABLE = "image"
 
 
-def image_ref(settings: Settings, flow_run: dict[str, Any]) -> str | None:
-    """The container image to run in: --image, else the run's ``image`` job variable."""
+def image_ref(
+    settings: Settings, flow_run: dict[str, Any], *, say: Callable[[str], None]
+) -> str | None:
+    """The container image to run in: --image, else the run's ``image`` job variable.
+
+    Docker, Kubernetes, ECS, Cloud Run and ACI pools also use ``image``, for the
+    container they start the runner in, which has no podman or docker: there the
+    variable is taken as that container's and the flow runs in place. --image is
+    explicit, and without podman or docker it is an error."""
     if settings.image:
         return settings.image
     value = (flow_run.get("job_variables") or {}).get(IMAGE_VARIABLE)
-    return str(value) if value else None
+    if not value:
+        return None
+    if not (shutil.which("podman") or shutil.which("docker")):
+        say(
+            f"job variable image={value!r}: no podman or docker here, so it is taken to be "
+            "the container this runner runs in; running the flow in place"
+        )
+        return None
+    return str(value)
 
 
 def find_spec(

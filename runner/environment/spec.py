@@ -12,16 +12,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
-
 from runner.errors import EnvSpecError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 images: the same parser, from PyPI
+    import tomli as tomllib
 
 Kind = Literal["requirements", "pylock", "uv-project"]
 _FORMAT = "prefect-vm-runner/senv-1"  # the canonical serialization's marker
+_UV_PROJECT_FILES = ("pyproject.toml", "uv.lock")
+# The files each kind is made of (what ``write`` puts down).
+_KIND_FILES: dict[str, frozenset[str]] = {
+    "requirements": frozenset({"requirements.txt"}),
+    "pylock": frozenset({"pylock.toml"}),
+    "uv-project": frozenset(_UV_PROJECT_FILES),
+}
 
 # Conda packages whose PyPI distribution has another name.
 _CONDA_TO_PYPI = {
@@ -46,8 +57,13 @@ _CONDA_SYSTEM = re.compile(
     r"keyutils|libev|libnghttp2|gcc|gxx|gfortran|binutils|sysroot_linux-64|"
     r"kernel-headers_linux-64|__[\w-]+)$"
 )
-# Conda packages with no PyPI equivalent at all: the env cannot be made with uv.
-_CONDA_ONLY = re.compile(r"^(r-.*|r|cudatoolkit|cudnn|nccl|cuda-.*|gdal|proj|geos|libgdal.*)$")
+# Conda packages with no PyPI equivalent at all: the env cannot be made with uv. The
+# CUDA toolkit's conda pieces (cuda-nvcc, cuda-cudart...) are not the PyPI ones, except
+# NVIDIA's Python bindings, which PyPI has under the same names.
+_CONDA_ONLY = re.compile(
+    r"^(r-.*|r|cudatoolkit|cudnn|nccl|cuda-(?!python$|bindings$|core$).*|gdal|proj|geos|"
+    r"libgdal.*)$"
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ class EnvSpec:
         """Write the files into ``directory``; the path uv is given (a file, or for a uv
         project the directory holding both files)."""
         for name, text in self.files:
-            (directory / name).write_text(text)
+            (directory / name).write_text(text, encoding="utf-8", newline="\n")
         return directory if self.kind == "uv-project" else directory / self.files[0][0]
 
 
@@ -78,8 +94,8 @@ def load(path: Path) -> EnvSpec:
         return _uv_project(path / "pyproject.toml")
     if not path.is_file():
         raise EnvSpecError(f"environment spec {path} does not exist")
-    if path.name == "pyproject.toml":
-        return _uv_project(path)
+    if path.name in _UV_PROJECT_FILES:
+        return _uv_project(path.with_name("pyproject.toml"))
     return from_bytes(path.name, path.read_bytes())
 
 
@@ -92,6 +108,11 @@ def from_bytes(name: str, data: bytes) -> EnvSpec:
     base = Path(name).name
     if base.endswith(".json") or text.lstrip().startswith("{"):
         return _from_json(name, text)
+    if base in _UV_PROJECT_FILES:
+        raise EnvSpecError(
+            f"environment spec {name}: a uv project is two files, pyproject.toml and uv.lock; "
+            "give the directory that holds both"
+        )
     if base.startswith("pylock") and base.endswith(".toml"):
         return _pylock(name, text)
     if base.endswith(".toml"):
@@ -137,14 +158,38 @@ def _from_json(name: str, text: str) -> EnvSpec:
     if not isinstance(document, dict):
         raise EnvSpecError(f"environment spec {name} must be a JSON object")
     if document.get("format") == _FORMAT:
-        files = tuple(sorted((str(n), str(t)) for n, t in document["files"]))
-        return EnvSpec(document["kind"], files, document.get("python"))
+        return _canonical(name, document)
     if "packages" in document or "lockfile_content" in document or "raw_pip" in document:
         return _coiled(name, document)
     raise EnvSpecError(
         f"environment spec {name} is JSON but not a Coiled SoftwareEnvSpec "
         "(no 'packages', 'raw_pip' or 'lockfile_content')"
     )
+
+
+def _canonical(name: str, document: dict[str, Any]) -> EnvSpec:
+    """Our own serialization (``to_bytes``), checked and normalized as its files would be."""
+    kind, python = document.get("kind"), document.get("python")
+    try:
+        files = {str(file): str(text) for file, text in document.get("files") or []}
+    except (TypeError, ValueError):
+        raise EnvSpecError(
+            f"environment spec {name}: 'files' must be a list of [name, text] pairs"
+        ) from None
+    if kind not in _KIND_FILES or set(files) != _KIND_FILES[kind]:
+        raise EnvSpecError(
+            f"environment spec {name}: kind {kind!r} with files {sorted(files)} is not a "
+            f"spec the runner writes (kinds: {', '.join(sorted(_KIND_FILES))})"
+        )
+    if python is not None and not isinstance(python, str):
+        raise EnvSpecError(f"environment spec {name}: 'python' must be a string or null")
+    if kind == "requirements":
+        checked = _requirements(name, files["requirements.txt"])
+    elif kind == "pylock":
+        checked = _pylock(name, files["pylock.toml"])
+    else:
+        checked = _uv_project_texts(name, files["pyproject.toml"], files["uv.lock"])
+    return EnvSpec(checked.kind, checked.files, python)
 
 
 def _coiled(name: str, spec: dict[str, Any]) -> EnvSpec:
@@ -169,7 +214,7 @@ def _coiled(name: str, spec: dict[str, Any]) -> EnvSpec:
         package_name = str(package["name"])
         specifier = (package.get("specifier") or "").strip()
         if package.get("source", "pip") == "pip":
-            lines.append(_requirement_line(package_name, specifier))
+            lines.append(_requirement_line(name, package_name, specifier))
             continue
         conda_name = str(package.get("conda_name") or package_name).lower()
         if conda_name == "python":
@@ -180,7 +225,7 @@ def _coiled(name: str, spec: dict[str, Any]) -> EnvSpec:
             notes.append(f"conda package {conda_name} is not a Python package; not installed")
         else:
             pypi = _CONDA_TO_PYPI.get(conda_name, package_name)
-            lines.append(_requirement_line(pypi, specifier))
+            lines.append(_requirement_line(name, pypi, specifier))
             if pypi.lower() != conda_name:
                 notes.append(f"conda package {conda_name} installed from PyPI as {pypi}")
     if conda_only:
@@ -196,19 +241,29 @@ def _coiled(name: str, spec: dict[str, Any]) -> EnvSpec:
     return EnvSpec(built.kind, built.files, python, tuple(notes))
 
 
-def _requirement_line(name: str, specifier: str) -> str:
-    # Coiled writes "==1.2", ">=1,<2", or a whole requirement ("name==1.2").
-    if not specifier or specifier[0] in "=<>!~":
-        return f"{name}{specifier}"
-    return specifier
+def _requirement_line(spec_name: str, name: str, specifier: str) -> str:
+    """One requirement, its name normalized so that the same packages give one digest."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    # Coiled writes "", "==1.2", ">=1,<2", or a whole requirement ("name==1.2").
+    text = f"{name}{specifier}" if not specifier or specifier[0] in "=<>!~" else specifier
+    try:
+        requirement = Requirement(text)
+    except InvalidRequirement as exc:
+        raise EnvSpecError(
+            f"environment spec {spec_name}: package {name} has an invalid specifier "
+            f"{specifier!r}: {exc}"
+        ) from None
+    requirement.name = canonicalize_name(requirement.name)
+    return str(requirement)
 
 
 def _requirements(name: str, text: str) -> EnvSpec:
     """requirements.txt: comments and blank lines dropped, lines sorted (order does not
     matter to a resolver), so the same requirements always have the same digest."""
     lines = set()
-    for number, raw in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
-        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+    for number, line in _logical_lines(text):
         if not line:
             continue
         option = line.split()[0].split("=")[0]
@@ -229,6 +284,28 @@ def _requirements(name: str, text: str) -> EnvSpec:
     return EnvSpec("requirements", (("requirements.txt", "\n".join(sorted(lines)) + "\n"),))
 
 
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """(first line number, line) with comments removed, continuations (a trailing
+    backslash) joined and runs of whitespace made one space, as pip reads the file."""
+    logical: list[tuple[int, str]] = []
+    parts: list[str] = []
+    start = 1
+    physical = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for number, raw in enumerate(physical, start=1):
+        if not parts:
+            start = number
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+        if line.endswith("\\"):
+            parts.append(line[:-1])
+            continue
+        parts.append(line)
+        logical.append((start, " ".join(" ".join(parts).split())))
+        parts = []
+    if parts:  # a backslash on the last line continues nothing
+        logical.append((start, " ".join(" ".join(parts).split())))
+    return logical
+
+
 def _pylock(name: str, text: str) -> EnvSpec:
     try:
         document = tomllib.loads(text)
@@ -247,11 +324,16 @@ def _uv_project(pyproject: Path) -> EnvSpec:
             f"environment spec {pyproject.parent}: a uv project needs both pyproject.toml "
             "and uv.lock (run `uv lock`)"
         )
-    text = pyproject.read_text().replace("\r\n", "\n")
+    read = {path.name: path.read_text(encoding="utf-8") for path in (pyproject, lock)}
+    return _uv_project_texts(str(pyproject.parent), read["pyproject.toml"], read["uv.lock"])
+
+
+def _uv_project_texts(where: str, pyproject: str, lock: str) -> EnvSpec:
+    pyproject, lock = (text.replace("\r\n", "\n") for text in (pyproject, lock))
     try:
-        project = tomllib.loads(text).get("project", {})
-        tomllib.loads(lock.read_text())
+        project = tomllib.loads(pyproject).get("project", {})
+        tomllib.loads(lock)
     except tomllib.TOMLDecodeError as exc:
-        raise EnvSpecError(f"environment spec {pyproject.parent}: invalid TOML: {exc}") from None
-    files = (("pyproject.toml", text), ("uv.lock", lock.read_text().replace("\r\n", "\n")))
+        raise EnvSpecError(f"environment spec {where}: invalid TOML: {exc}") from None
+    files = (("pyproject.toml", pyproject), ("uv.lock", lock))
     return EnvSpec("uv-project", files, project.get("requires-python"))

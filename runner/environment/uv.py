@@ -38,6 +38,7 @@ log = logging.getLogger("runner")
 _SHARED_ROOT = "prefect-vm-runner"
 _LAYER_PTH = "_prefect_vm_runner_layer.pth"
 _UV_TAIL_LINES = 12
+_NAME_LINE = re.compile(r'\s*name\s*=\s*"([^"]+)"')
 
 
 def runner_site_packages() -> str:
@@ -107,8 +108,11 @@ def build(spec: EnvSpec, target: Path, *, settings: Settings, say: Callable[[str
 
     inputs = target / ".spec"
     inputs.mkdir()
-    requirements = _requirements_file(spec, inputs, uv=uv, env=env, settings=settings)
     shared = shared_distributions()
+    requirements = _requirements_file(spec, inputs, uv=uv, env=env, settings=settings)
+    if requirements.suffix == ".toml":
+        # uv installs a pylock as locked, ignoring --excludes: drop the shared entries.
+        requirements.write_text(_without_packages(requirements.read_text(), set(shared)))
     for note in (*spec.notes, *_pin_conflicts(requirements, shared)):
         say(note)
     excludes = inputs / "shared-with-runner.txt"
@@ -134,6 +138,39 @@ def _requirements_file(
     export += ["--format", "requirements-txt", "--project", str(given), "-o", str(exported)]
     _run(export, env=env, doing="reading uv.lock", settings=settings)
     return exported
+
+
+def _without_packages(pylock: str, names: set[str]) -> str:
+    """A pylock.toml without the ``[[packages]]`` entries named in ``names`` (normalized
+    names); an entry runs from its ``[[packages]]`` header to the next one, or to the
+    next table that is not one of its own (``[packages.*]``, ``[[packages.*]]``)."""
+    from packaging.utils import canonicalize_name
+
+    kept: list[str] = []
+    block: list[str] | None = None
+
+    def close() -> None:
+        if block is None:
+            return
+        found = [m for m in (_NAME_LINE.match(line) for line in block) if m]
+        if not (found and canonicalize_name(found[0].group(1)) in names):
+            kept.extend(block)
+
+    for line in pylock.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped == "[[packages]]":
+            close()
+            block = [line]
+        elif stripped.startswith("[") and not stripped.startswith(("[packages.", "[[packages.")):
+            close()
+            block = None
+            kept.append(line)
+        elif block is not None:
+            block.append(line)
+        else:
+            kept.append(line)
+    close()
+    return "".join(kept)
 
 
 @cache
@@ -187,7 +224,7 @@ def _pin_conflicts(requirements: Path, shared: dict[str, str]) -> list[str]:
 
 def _requirement_lines(path: Path) -> list[str]:
     if path.suffix == ".toml":  # pylock.toml: the packages it pins
-        import tomllib
+        from runner.environment.spec import tomllib
 
         packages = tomllib.loads(path.read_text()).get("packages", [])
         return [f"{p['name']}=={p['version']}" for p in packages if "version" in p]

@@ -27,6 +27,16 @@ def uses_env() -> str:
     import rvm_core
 
     return rvm_core.VALUE
+
+
+@flow(persist_result=True)
+def which_python() -> list:
+    import os
+    import shutil
+    import sys
+
+    venv = os.environ.get("VIRTUAL_ENV")
+    return [sys.prefix == venv, shutil.which("python").startswith(sys.prefix)]
 """
 
 
@@ -252,6 +262,10 @@ def test_locked_specs_in_the_bundle(kind, runner, flow_run, client, index_url, t
         subprocess.run([*export, "-o", "pylock.toml"], cwd=project, env=uv_env, check=True)
         (project / "uv.lock").unlink()
         (project / "pyproject.toml").unlink()
+        # A package the runner shares (Prefect's stack), at a version no index has: it
+        # must be left out of the install, not fail it.
+        with open(project / "pylock.toml", "a") as lock:
+            lock.write('\n[[packages]]\nname = "sniffio"\nversion = "9.9.9"\n')
     run = _run_of(flow_run, _bundle(runner, project, tmp_path))
 
     result = runner.run("--flow-run-id", str(run.id), "--index-url", index_url)
@@ -259,3 +273,16 @@ def test_locked_specs_in_the_bundle(kind, runner, flow_run, client, index_url, t
     assert result.returncode == 0, result.stderr
     assert client.read_flow_run(run.id).state.result() == "rvm-core 1.1.0"
     assert f"environment spec from the code bundle ({kind})" in _logs(client, run.id)
+
+
+def test_the_flow_sees_its_env_as_the_active_venv(runner, flow_run, client, index_url, tmp_path):
+    url = _bundle(runner, _project(tmp_path, requirements__txt="rvm-json\n"), tmp_path)
+    run = flow_run(
+        "which_python", entrypoint="flows.py:which_python", path=None,
+        pull_steps=[{STEP: {"url": url}}],
+    )  # fmt: skip
+
+    result = runner.run("--flow-run-id", str(run.id), "--index-url", index_url)
+
+    assert result.returncode == 0, result.stderr
+    assert client.read_flow_run(run.id).state.result() == [True, True]

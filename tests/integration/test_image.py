@@ -122,20 +122,38 @@ def test_an_image_that_cannot_be_pulled_crashes_the_run(
 
 
 def test_no_podman_nor_docker_is_one_clear_line(runner, flow_run, client, tmp_path):
-    run = flow_run(
-        "where_am_i",
-        path=None,
-        pull_steps=[{STEP: {"url": _bundle(runner, tmp_path)}}],
-        job_variables={"image": "docker.io/library/python:3.11"},
-    )
+    run = flow_run("where_am_i", path=None, pull_steps=[{STEP: {"url": _bundle(runner, tmp_path)}}])
 
-    result = runner.run("--flow-run-id", str(run.id), PATH="/nonexistent")
+    result = runner.run(
+        "--flow-run-id",
+        str(run.id),
+        "--image",
+        "docker.io/library/python:3.11",
+        PATH="/nonexistent",
+    )
 
     assert result.returncode == 3, result.stderr
     assert len(result.error_lines()) == 1
     assert "neither podman nor docker" in result.error_lines()[0]
     assert client.read_flow_run(run.id).state.is_crashed()
     assert result.teardowns == ["3"]
+
+
+def test_the_image_job_variable_without_podman_is_the_container_we_are_in(
+    runner, flow_run, client, tmp_path
+):
+    # What a Docker or Kubernetes work pool looks like from inside its container.
+    run = flow_run(
+        "where_am_i",
+        path=None,
+        pull_steps=[{STEP: {"url": _bundle(runner, tmp_path)}}],
+        job_variables={"image": "registry.example/team/flows:1"},
+    )
+
+    result = runner.run("--flow-run-id", str(run.id), PATH="/nonexistent")
+
+    assert result.returncode == 0, result.stderr
+    assert client.read_flow_run(run.id).state.is_completed()
 
 
 def test_secrets_reach_the_container_by_name_only(runner_image, monkeypatch, tmp_path):
@@ -150,10 +168,15 @@ def test_secrets_reach_the_container_by_name_only(runner_image, monkeypatch, tmp
         index_url="https://robot:index-sekret@pypi.example/simple",
     )
 
-    argv, channel_fd = image.prepare(
-        runner_image, settings=settings, stage_file=tmp_path / "stage.json", say=lambda _: None
+    launch = image.prepare(
+        runner_image,
+        settings=settings,
+        stage_file=tmp_path / "stage.json",
+        extra_env={},
+        say=lambda _: None,
     )
 
+    argv, channel_fd = launch.argv, launch.channel_fd
     command = " ".join(argv)
     assert "sekret" not in command
     for name in ("PREFECT_API_KEY", "AWS_SECRET_ACCESS_KEY", "RUNNER_INDEX_URL"):

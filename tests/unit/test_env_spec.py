@@ -157,3 +157,99 @@ def test_env_push_capture_uploads_a_content_addressed_spec(tmp_path):
     spec = from_bytes(path.name, path.read_bytes())
     assert path.name == f"{spec.digest()}.json"
     assert f"pytest=={version('pytest')}" in spec.files[0][1]
+
+
+def test_hashed_requirements_keep_each_hash_with_its_package():
+    hashed = b"foo==1.0 \\\n    --hash=sha256:aa \\\n    --hash=sha256:bb\n    # via bar\nbar==2\n"
+
+    spec = from_bytes("requirements.txt", hashed)
+
+    assert spec.files[0][1].splitlines() == [
+        "bar==2",
+        "foo==1.0 --hash=sha256:aa --hash=sha256:bb",
+    ]
+
+
+def test_coiled_package_names_are_normalized_and_bad_specifiers_named():
+    upper = from_bytes("a.json", _coiled(_pkg("Typing_Extensions", "==4.12")))
+    lower = from_bytes("b.json", _coiled(_pkg("typing-extensions", "typing_extensions==4.12")))
+
+    assert upper.files == lower.files == (("requirements.txt", "typing-extensions==4.12\n"),)
+    with pytest.raises(EnvSpecError, match="package numpy has an invalid specifier '==not a'"):
+        from_bytes("senv.json", _coiled(_pkg("numpy", "==not a")))
+
+
+def test_a_uv_lock_alone_is_not_requirements(tmp_path):
+    lock = tmp_path / "uv.lock"
+    lock.write_text("version = 1\n")
+
+    with pytest.raises(EnvSpecError, match="a uv project is two files"):
+        from_bytes("uv.lock", lock.read_bytes())
+    with pytest.raises(EnvSpecError, match="needs both pyproject.toml and uv.lock"):
+        load(lock)
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    assert load(lock).kind == "uv-project"
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ({"kind": "requirements"}, "kind 'requirements' with files \\[\\] is not a spec"),
+        ({"kind": "conda", "files": [["environment.yml", "x"]]}, "kind 'conda'"),
+        ({"kind": "pylock", "files": [1]}, "'files' must be a list of \\[name, text\\] pairs"),
+        (
+            {"kind": "requirements", "files": [["requirements.txt", "-i https://x/simple\n"]]},
+            "names a package index",
+        ),
+        ({"kind": "pylock", "files": [["pylock.toml", "x = 1\n"]]}, "no lock-version"),
+    ],
+)
+def test_a_hand_written_canonical_spec_is_checked_like_any_other(document, problem):
+    data = json.dumps({"format": "prefect-vm-runner/senv-1", **document}).encode()
+
+    with pytest.raises(EnvSpecError, match=problem) as caught:
+        from_bytes("senv.json", data)
+    assert "senv.json" in str(caught.value)
+
+
+def test_canonical_uv_project_round_trips(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\nrequires-python = ">=3.10"\n')
+    (tmp_path / "uv.lock").write_text("version = 1\r\n")
+    spec = load(tmp_path)
+
+    again = from_bytes(f"{spec.digest()}.json", to_bytes(spec))
+
+    assert again == spec and again.python == ">=3.10"
+
+
+def test_capture_of_a_conda_prefix_keeps_python_packages_and_drops_system_libraries(tmp_path):
+    from runner.environment.capture import capture
+
+    dist = tmp_path / "lib/python3.11/site-packages/rvm_conda_py-1.2.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rvm-conda-py\nVersion: 1.2\n")
+    (tmp_path / "lib/libaws-c-common.so").write_text("")
+    meta = tmp_path / "conda-meta"
+    meta.mkdir()
+    channel = "https://conda.anaconda.org/conda-forge/linux-64"
+    for name, release, file in [
+        ("rvm-conda-py", "1.2", f"{dist.relative_to(tmp_path)}/METADATA"),
+        ("aws-c-common", "0.9.0", "lib/libaws-c-common.so"),
+    ]:
+        record = {"name": name, "version": release, "subdir": "linux-64", "files": [file]}
+        (meta / f"{name}.json").write_text(json.dumps({**record, "channel": channel}))
+
+    spec = capture(prefix=tmp_path)
+
+    lines = spec.files[0][1].splitlines()
+    assert "rvm-conda-py==1.2" in lines
+    assert not any(line.startswith("aws-c-common") for line in lines)
+    assert any("not captured: aws-c-common" in note for note in spec.notes)
+
+
+def test_nvidia_python_bindings_are_not_taken_for_the_conda_cuda_toolkit():
+    spec = from_bytes("senv.json", _coiled(_pkg("cuda-python", "==12.6", source="conda")))
+
+    assert spec.files[0][1] == "cuda-python==12.6\n"
+    with pytest.raises(EnvSpecError, match="no PyPI equivalent: cuda-nvcc"):
+        from_bytes("senv.json", _coiled(_pkg("cuda-nvcc", "", source="conda")))
