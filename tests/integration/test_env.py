@@ -286,3 +286,40 @@ def test_the_flow_sees_its_env_as_the_active_venv(runner, flow_run, client, inde
 
     assert result.returncode == 0, result.stderr
     assert client.read_flow_run(run.id).state.result() == [True, True]
+
+
+def test_sigterm_during_the_build_stops_uv_and_crashes_the_run(runner, flow_run, client, tmp_path):
+    import signal
+    import socket
+
+    import psutil
+
+    # An index that accepts connections and never answers: uv waits on it.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    index_arg = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+    url = _bundle(runner, _project(tmp_path, requirements__txt="rvm-app\n"), tmp_path)
+    run = _run_of(flow_run, url)
+
+    proc = runner.start("--flow-run-id", str(run.id), "--index-url", index_arg)
+    seen = ""
+    while "installing with uv" not in seen:
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    proc.send_signal(signal.SIGTERM)
+    result = runner.finish(proc)
+    silent.close()
+
+    assert result.returncode == 3, seen + result.stderr
+    state = client.read_flow_run(run.id).state
+    assert state.is_crashed() and "stopped by SIGTERM" in state.message
+    assert result.teardowns == ["3"]
+    envs = result.workdir / "cache" / "envs"
+    assert not [p for p in envs.iterdir() if p.name.endswith(".partial")]
+    assert not [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(str(result.workdir) in part for part in p.info["cmdline"] or [])
+    ]
