@@ -30,7 +30,7 @@ from runner.errors import (
     internal_error_line,
 )
 from runner.settings import Settings
-from runner.telemetry.heartbeat import Heartbeat
+from runner.telemetry.reporter import RunTelemetry
 from runner.vm.teardown import Teardown
 
 log = logging.getLogger("runner")
@@ -58,11 +58,17 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
     teardown = teardown or Teardown(settings)
     exit_code = ExitCode.BOOTSTRAP_ERROR
     signals = _Signals()
+    telemetry = RunTelemetry(
+        started=time.monotonic(),
+        heartbeat_seconds=settings.heartbeat_seconds,
+        metrics_seconds=settings.metrics_seconds,
+        emit=_emit,
+    )
     previous = {sig: signal.signal(sig, signals.note) for sig in _FORWARDED}
     try:
         flow_run_id = settings.run_id()
         connection()  # fail on a missing API URL here, before a worker exists
-        exit_code = _fork_and_supervise(settings, flow_run_id, signals)
+        exit_code = _fork_and_supervise(settings, flow_run_id, signals, telemetry)
     except RunnerError as exc:
         log.error("%s", exc)
         exit_code = exc.exit_code
@@ -71,6 +77,7 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
         log.error("%s", internal_error_line(exc))
         exit_code = ExitCode.BOOTSTRAP_ERROR
     finally:
+        telemetry.close(exit_code=int(exit_code))  # the teardown phase: the last event
         _flush_prefect()
         teardown(exit_code=int(exit_code))
         for sig, handler in previous.items():
@@ -79,7 +86,9 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
     return exit_code
 
 
-def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID, signals: _Signals) -> ExitCode:
+def _fork_and_supervise(
+    settings: Settings, flow_run_id: uuid.UUID, signals: _Signals, telemetry: RunTelemetry
+) -> ExitCode:
     if signals.received:
         raise BootstrapError(
             f"stopped by {signals.received[0]} before the flow run was started; not executed"
@@ -122,7 +131,8 @@ def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID, signals: _Si
     log.info("guard pid %d: worker pid %d started for flow run %s", os.getpid(), pid, flow_run_id)
     inbox = Inbox(inbox_fd)
     try:
-        ended = _supervise(pid, inbox, settings, oom_before)
+        telemetry.worker_pid = pid
+        ended = _supervise(pid, inbox, settings, oom_before, telemetry)
     except BaseException:
         # The guard cannot watch the worker any more: never leave it running unwatched.
         with suppress(ProcessLookupError):
@@ -136,7 +146,9 @@ def _fork_and_supervise(settings: Settings, flow_run_id: uuid.UUID, signals: _Si
     return _conclude(settings, flow_run_id, inbox, ended)
 
 
-def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> WorkerExit:
+def _supervise(
+    pid: int, inbox: Inbox, settings: Settings, oom_before: int, telemetry: RunTelemetry
+) -> WorkerExit:
     """Wait for the worker while reading its messages and forwarding SIGTERM/SIGINT."""
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -152,7 +164,7 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
     forwarded: list[str] = []
     kill_at: float | None = None
     killed = False
-    heartbeat: Heartbeat | None = None
+    seen = 0  # messages already passed on to the telemetry
     try:
         while True:
             timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
@@ -160,7 +172,9 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
                 if key.data == "inbox":
                     if not inbox.drain():
                         selector.unregister(inbox.fd)
-                    heartbeat = heartbeat or _start_heartbeat(inbox, settings)
+                    for message in inbox.messages[seen:]:
+                        telemetry.on_message(message)
+                    seen = len(inbox.messages)
                 elif key.data == "signal":
                     for signum in wake_r.recv(64):
                         name = signal.Signals(signum).name
@@ -171,6 +185,8 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
                         kill_at = kill_at or time.monotonic() + settings.cancel_grace_seconds
                 elif key.data == "exited":
                     inbox.drain()
+                    for message in inbox.messages[seen:]:
+                        telemetry.on_message(message)
                     _, status, usage = os.wait4(pid, 0)
                     return WorkerExit(
                         status=status,
@@ -190,28 +206,11 @@ def _supervise(pid: int, inbox: Inbox, settings: Settings, oom_before: int) -> W
                 killed = True
                 kill_at = None
     finally:
-        if heartbeat:
-            heartbeat.stop()
         selector.close()
         os.close(pidfd)
         signal.set_wakeup_fd(previous_wakeup)
         wake_r.close()
         wake_w.close()
-
-
-def _start_heartbeat(inbox: Inbox, settings: Settings) -> Heartbeat | None:
-    """Heartbeats start once the worker has claimed the run (it sends the run's resources)."""
-    claimed = inbox.last("claimed")
-    if claimed is None or settings.heartbeat_seconds <= 0:
-        return None
-    heartbeat = Heartbeat(
-        interval=settings.heartbeat_seconds,
-        resource=claimed["resource"],
-        related=claimed["related"],
-        emit=_emit,
-    )
-    heartbeat.start()
-    return heartbeat
 
 
 def _conclude(

@@ -116,6 +116,12 @@ class Settings(BaseSettings):
         description="Seconds between prefect.flow-run.heartbeat events, sent by the guard "
         "from claim to the end (also while the flow holds the GIL); 0 turns them off.",
     )
+    metrics_seconds: float = Field(
+        default=15.0,
+        ge=0,
+        description="Seconds between runner.metrics events (CPU, memory, disk, network, GPU, "
+        "the worker's memory), sent by the guard from claim to the end; 0 turns them off.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the runner's own log lines."
     )

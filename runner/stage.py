@@ -107,11 +107,22 @@ def run(stage: Stage, channel: Sender) -> int:
         pull_steps=stage.pull_steps,
         run_logger=run_logger,
     )
-    run_logger.info("flow code loaded into %s in %.2fs", Path.cwd(), time.monotonic() - started)
+    seconds = time.monotonic() - started
+    run_logger.info("flow code loaded into %s in %.2fs", Path.cwd(), seconds)
+    if stage.code_dir is None:  # Prefect's own loader placed the code just now
+        channel.send("phase", name="code-pulled", seconds=round(seconds, 3))
 
     # GC stays paused through the bootstrap (bounded work, few cycles) and is on
     # for the flow's own code.
     gc.enable()
+    channel.send("phase", name="flow-started")
+    started = time.monotonic()
     state = run_in_process(flow, flow_run)
+    channel.send(
+        "phase",
+        name="flow-finished",
+        seconds=round(time.monotonic() - started, 3),
+        state=state.type.value,
+    )
     channel.send("finished", state=state.type.value, name=state.name, message=state.message)
     return int(exit_code_for_state(state.type.value))

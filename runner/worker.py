@@ -87,6 +87,13 @@ def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> i
                 run_log.flush()  # what happened so far is visible while the code downloads
                 pulled = code.pull(url, run_dir / "code", settings=settings, say=run_log.info)
                 code_dir = pulled.directory
+                channel.send(
+                    "phase",
+                    name="code-pulled",
+                    seconds=round(pulled.seconds, 3),
+                    cache_hit=pulled.fetched.cache_hit,
+                    bytes_downloaded=pulled.fetched.bytes_downloaded,
+                )
             stage = Stage(
                 flow_run=flow_run,
                 deployment=deployment,
@@ -120,6 +127,7 @@ def _environment(
     from runner.environment import image
     from runner.environment.source import find_spec, image_ref
 
+    started = time.monotonic()
     if ref := image_ref(settings, flow_run, say=run_log.info):
         run_log.flush()  # a pull can take a while
         api_env = prefect_environment()  # a profile's URL and key, which podman forwards
@@ -131,16 +139,26 @@ def _environment(
             say=run_log.info,
         )
         channel.send("container", cli=launch.cli, name=launch.name)
+        seconds = round(time.monotonic() - started, 3)
+        channel.send("phase", name="env-ready", environment="image", image=ref, seconds=seconds)
         return lambda: _exec(
             launch.argv, stage, settings, channel_to=launch.channel_fd, env=api_env
         )
     spec = find_spec(settings, flow_run, code_dir, say=run_log.info)
     if spec is None:
+        channel.send("phase", name="env-ready", environment="runner", seconds=0.0)
         return None
     from runner.environment.materialize import materialize
 
     run_log.flush()  # a cold build can take a while: show what is happening
     ready = materialize(spec, settings=settings, say=run_log.info)
+    channel.send(
+        "phase",
+        name="env-ready",
+        environment=spec.kind,
+        seconds=round(ready.seconds, 3),
+        cache_hit=ready.cache_hit,
+    )
     argv = [str(ready.python), "-m", "runner", "worker-stage", str(_stage_file(settings))]
     env_root = str(ready.python.parent.parent)
     # As an activated venv: the env's console scripts and `python` come first for the

@@ -1,0 +1,120 @@
+"""What the guard tells Prefect about a claimed run while it lasts: heartbeats, hardware
+metrics and ``runner.phase.<name>`` events, from the worker's messages and the guard's
+own clock."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from runner.telemetry.metrics import Sampler
+from runner.telemetry.periodic import Emit, Periodic
+
+log = logging.getLogger("runner")
+
+_HOLD_SECONDS = 10.0
+PHASES = ("claimed", "code-pulled", "env-ready", "flow-started", "flow-finished", "teardown")
+
+
+class RunTelemetry:
+    """Started by the worker's ``claimed`` message; ``phase`` messages become events.
+
+    Events go through one background thread (``emit`` may import Prefect on first
+    use, and must never hold up the guard's supervision loop); ``close`` waits for
+    them, and the teardown event is the last one sent."""
+
+    def __init__(
+        self,
+        *,
+        started: float,
+        heartbeat_seconds: float,
+        metrics_seconds: float,
+        emit: Emit,
+    ) -> None:
+        self.worker_pid = 0  # set once the worker is forked
+        self._started = started
+        self._heartbeat_seconds = heartbeat_seconds
+        self._metrics_seconds = metrics_seconds
+        self._emit = emit
+        self._resource: dict[str, str] | None = None
+        self._related: list[dict[str, str]] = []
+        self._periodic: list[Periodic] = []
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._sender = threading.Thread(target=self._send, name="runner-events", daemon=True)
+        # Sending imports Prefect in the guard: held back until the flow has started (or
+        # a few seconds passed), so that it never competes with the worker's start-up.
+        self._go = threading.Event()
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("kind")
+        if kind == "phase" and message.get("name") in ("flow-started", "flow-finished"):
+            self._go.set()
+        if kind == "claimed" and self._resource is None:
+            self._resource, self._related = message["resource"], message["related"]
+            self._sender.start()
+            self._start_periodic()
+            self.phase("claimed", seconds=self.elapsed())
+        elif kind == "phase" and self._resource is not None:
+            details = {k: v for k, v in message.items() if k not in ("kind", "name")}
+            self.phase(message["name"], **details)
+
+    def phase(self, name: str, **payload: Any) -> None:
+        if self._resource is None:
+            return
+        event = {
+            "event": f"runner.phase.{name}",
+            # When it happened, not when it is sent (sending may be held back).
+            "occurred": datetime.now(timezone.utc),
+            "resource": self._resource,
+            "related": self._related,
+            "payload": {**payload, "elapsed_seconds": round(self.elapsed(), 3)},
+        }
+        self._queue.put(event)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+    def close(self, *, exit_code: int, timeout: float = 30.0) -> None:
+        """Stop the periodic events, then send the teardown phase last, and wait for it."""
+        for periodic in self._periodic:
+            periodic.stop()
+        if self._resource is None:
+            return
+        self.phase("teardown", exit_code=exit_code)
+        self._queue.put(None)
+        self._go.set()
+        self._sender.join(timeout)
+
+    def _start_periodic(self) -> None:
+        assert self._resource is not None
+        common = {"resource": self._resource, "related": self._related, "emit": self._emit}
+        if self._heartbeat_seconds > 0:
+            self._periodic.append(
+                Periodic(
+                    event="prefect.flow-run.heartbeat", interval=self._heartbeat_seconds, **common
+                )
+            )
+        if self._metrics_seconds > 0:
+            sampler = Sampler(self.worker_pid)
+            self._periodic.append(
+                Periodic(
+                    event="runner.metrics",
+                    interval=self._metrics_seconds,
+                    payload=sampler.sample,
+                    **common,
+                )
+            )
+        for periodic in self._periodic:
+            periodic.start()
+
+    def _send(self) -> None:
+        self._go.wait(_HOLD_SECONDS)
+        while (event := self._queue.get()) is not None:
+            try:
+                self._emit(**event)
+            except Exception:  # a lost phase event must not stop the others
+                log.debug("%s failed", event["event"], exc_info=True)
