@@ -78,6 +78,7 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
         exit_code = ExitCode.BOOTSTRAP_ERROR
     finally:
         telemetry.close(exit_code=int(exit_code))  # the teardown phase: the last event
+        _write_summary(settings, telemetry, int(exit_code))
         _flush_prefect()
         teardown(exit_code=int(exit_code))
         for sig, handler in previous.items():
@@ -262,6 +263,19 @@ def _remove_orphan_container(inbox: Inbox, ended: WorkerExit) -> None:
         remove(container["cli"], container["name"])
     except Exception as exc:  # the report and teardown still come
         log.error("could not remove container %s: %s", container["name"], exc)
+
+
+def _write_summary(settings: Settings, telemetry: RunTelemetry, exit_code: int) -> None:
+    """The runner-summary artifact on the claimed run; best effort, before the teardown."""
+    markdown = telemetry.summary(exit_code=exit_code, hourly_cost=settings.hourly_cost)
+    if markdown is None:
+        return
+    try:
+        from runner.prefect_api import write_summary
+
+        write_summary(settings.run_id(), markdown)
+    except Exception as exc:
+        log.error("could not write the run summary artifact: %s", exc)
 
 
 def _emit(**event: object) -> None:

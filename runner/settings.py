@@ -122,6 +122,12 @@ class Settings(BaseSettings):
         description="Seconds between runner.metrics events (CPU, memory, disk, network, GPU, "
         "the worker's memory), sent by the guard from claim to the end; 0 turns them off.",
     )
+    hourly_cost: float | None = Field(
+        default=None,
+        ge=0,
+        description="What this machine costs per hour (any currency, shown as $), for the "
+        "run summary's cost estimate; unset: no estimate.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the runner's own log lines."
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 from runner.telemetry.metrics import Sampler
 from runner.telemetry.periodic import Emit, Periodic
+from runner.telemetry.summary import Usage, render
 
 log = logging.getLogger("runner")
 
@@ -41,6 +42,7 @@ class RunTelemetry:
         self._metrics_seconds = metrics_seconds
         self._emit = emit
         self._resource: dict[str, str] | None = None
+        self._claimed_after = 0.0
         self._related: list[dict[str, str]] = []
         self._periodic: list[Periodic] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -48,6 +50,12 @@ class RunTelemetry:
         # Sending imports Prefect in the guard: held back until the flow has started (or
         # a few seconds passed), so that it never competes with the worker's start-up.
         self._go = threading.Event()
+        # For the summary artifact.
+        self.usage = Usage()
+        self._phase_seconds: dict[str, float] = {}
+        self._bytes_downloaded = 0
+        self._cache_hits: dict[str, bool] = {}
+        self._state: str | None = None
 
     def on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
@@ -57,10 +65,37 @@ class RunTelemetry:
             self._resource, self._related = message["resource"], message["related"]
             self._sender.start()
             self._start_periodic()
-            self.phase("claimed", seconds=self.elapsed())
+            self._claimed_after = self.elapsed()
+            self.phase("claimed", seconds=round(self._claimed_after, 3))
         elif kind == "phase" and self._resource is not None:
             details = {k: v for k, v in message.items() if k not in ("kind", "name")}
+            self._note(message["name"], details)
             self.phase(message["name"], **details)
+
+    def _note(self, name: str, details: dict[str, Any]) -> None:
+        if "seconds" in details:
+            self._phase_seconds[name] = float(details["seconds"])
+        self._bytes_downloaded += int(details.get("bytes_downloaded") or 0)
+        if "cache_hit" in details:
+            self._cache_hits["bundle" if name == "code-pulled" else "environment"] = bool(
+                details["cache_hit"]
+            )
+        self._state = details.get("state", self._state)
+
+    def summary(self, *, exit_code: int, hourly_cost: float | None) -> str | None:
+        """The runner-summary markdown, or None when no run was claimed."""
+        if self._resource is None:
+            return None
+        return render(
+            phases={**{"claimed": self._claimed_after}, **self._phase_seconds},
+            usage=self.usage,
+            bytes_downloaded=self._bytes_downloaded,
+            cache_hits=self._cache_hits,
+            exit_code=exit_code,
+            state=self._state,
+            wall_seconds=self.elapsed(),
+            hourly_cost=hourly_cost,
+        )
 
     def phase(self, name: str, **payload: Any) -> None:
         if self._resource is None:
@@ -100,12 +135,15 @@ class RunTelemetry:
             )
         if self._metrics_seconds > 0:
             sampler = Sampler(self.worker_pid)
+
+            def sample() -> dict[str, Any]:
+                taken = sampler.sample()
+                self.usage.add(taken)
+                return taken
+
             self._periodic.append(
                 Periodic(
-                    event="runner.metrics",
-                    interval=self._metrics_seconds,
-                    payload=sampler.sample,
-                    **common,
+                    event="runner.metrics", interval=self._metrics_seconds, payload=sample, **common
                 )
             )
         for periodic in self._periodic:

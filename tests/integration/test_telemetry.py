@@ -98,3 +98,30 @@ def test_phase_events_arrive_in_order_and_teardown_is_the_last_event(
     )
     last = max([*ours, *beats], key=lambda e: e["occurred"])
     assert last["event"] == "runner.phase.teardown"
+
+
+def test_the_run_summary_artifact_has_the_numbers(runner, flow_run, client, tmp_path):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    run = flow_run("sleeper", pid_file=str(tmp_path / "pid"), seconds=3)
+
+    result = runner.run(
+        "--flow-run-id", str(run.id), "--metrics-seconds", "1", "--hourly-cost", "3.6"
+    )
+
+    assert result.returncode == 0, result.stderr
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["runner-summary"]))
+    )
+    ours = [a for a in artifacts if a.flow_run_id == run.id]
+    assert len(ours) == 1 and ours[0].type == "markdown"
+    text = ours[0].data
+    expected = [
+        "| claimed |", "| flow-finished |", "| CPU (all cores) |", "| worker memory (RSS) |",
+        "| bytes downloaded |", "| exit | 0 (completed), flow run COMPLETED |",
+        "| cost estimate | $0.00",
+    ]  # fmt: skip
+    for line in expected:
+        assert line in text, text
+    flow_seconds = float(text.split("| flow-finished | ")[1].split(" ")[0])
+    assert 3 <= flow_seconds < 10
