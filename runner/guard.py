@@ -31,6 +31,7 @@ from runner.errors import (
 )
 from runner.settings import Settings
 from runner.telemetry.reporter import RunTelemetry
+from runner.vm.metadata import Detection
 from runner.vm.teardown import Teardown
 
 log = logging.getLogger("runner")
@@ -133,6 +134,9 @@ def _fork_and_supervise(
     inbox = Inbox(inbox_fd)
     try:
         telemetry.worker_pid = pid
+        detection = Detection(cloud=settings.cloud, urls=settings.metadata_urls())
+        detection.start()
+        telemetry.machine = detection.result
         ended = _supervise(pid, inbox, settings, oom_before, telemetry)
     except BaseException:
         # The guard cannot watch the worker any more: never leave it running unwatched.

@@ -122,6 +122,20 @@ class Settings(BaseSettings):
         description="Seconds between runner.metrics events (CPU, memory, disk, network, GPU, "
         "the worker's memory), sent by the guard from claim to the end; 0 turns them off.",
     )
+    cloud: Literal["auto", "aws", "gcp", "azure", "none"] = Field(
+        default="auto",
+        description="Which cloud's instance metadata describes this machine (region, "
+        "instance type, spot) on events: 'auto' asks the firmware (DMI), 'none' skips it.",
+    )
+    aws_metadata_url: str = Field(
+        default="http://169.254.169.254", description="AWS IMDSv2 base URL."
+    )
+    gcp_metadata_url: str = Field(
+        default="http://metadata.google.internal", description="GCE metadata server base URL."
+    )
+    azure_metadata_url: str = Field(
+        default="http://169.254.169.254", description="Azure IMDS base URL."
+    )
     hourly_cost: float | None = Field(
         default=None,
         ge=0,
@@ -172,6 +186,13 @@ class Settings(BaseSettings):
         (the flow stage after an exec; a container)."""
         values = self.model_dump(exclude_none=True)
         return {env_var(name): str(value) for name, value in values.items()}
+
+    def metadata_urls(self) -> dict[str, str]:
+        return {
+            "aws": self.aws_metadata_url.rstrip("/"),
+            "gcp": self.gcp_metadata_url.rstrip("/"),
+            "azure": self.azure_metadata_url.rstrip("/"),
+        }
 
     def run_dir(self) -> Path:
         """The per-run directory under the workdir."""

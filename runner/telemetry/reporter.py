@@ -8,12 +8,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from runner.telemetry.metrics import Sampler
 from runner.telemetry.periodic import Emit, Periodic
 from runner.telemetry.summary import Usage, render
+from runner.vm.metadata import Machine
 
 log = logging.getLogger("runner")
 
@@ -37,6 +39,7 @@ class RunTelemetry:
         emit: Emit,
     ) -> None:
         self.worker_pid = 0  # set once the worker is forked
+        self.machine: Callable[[], Machine | None] = lambda: None  # the VM, once known
         self._started = started
         self._heartbeat_seconds = heartbeat_seconds
         self._metrics_seconds = metrics_seconds
@@ -63,6 +66,8 @@ class RunTelemetry:
             self._go.set()
         if kind == "claimed" and self._resource is None:
             self._resource, self._related = message["resource"], message["related"]
+            if (machine := self.machine()) is not None:
+                self._related = [*self._related, machine.resource()]
             self._sender.start()
             self._start_periodic()
             self._claimed_after = self.elapsed()

@@ -125,3 +125,32 @@ def test_the_run_summary_artifact_has_the_numbers(runner, flow_run, client, tmp_
         assert line in text, text
     flow_seconds = float(text.split("| flow-finished | ")[1].split(" ")[0])
     assert 3 <= flow_seconds < 10
+
+
+def test_events_name_the_vm_from_its_metadata_service(runner, flow_run, prefect_server, tmp_path):
+    from devtools.metadata_servers import AWS, MetadataServer
+
+    run = flow_run("sleeper", pid_file=str(tmp_path / "pid"), seconds=2)
+
+    with MetadataServer() as imds:
+        result = runner.run(
+            "--flow-run-id", str(run.id), "--heartbeat-seconds", "1",
+            "--cloud", "aws", "--aws-metadata-url", imds.url,
+        )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    for name in ("prefect.flow-run.heartbeat", "runner.phase.teardown"):
+        event = read_events(
+            prefect_server.api_url, event=name, resource_id=f"prefect.flow-run.{run.id}"
+        )[0]
+        vm = [r for r in event["related"] if r["prefect.resource.role"] == "vm"]
+        assert vm == [
+            {
+                "prefect.resource.id": f"runner.vm.{AWS['instance-id']}",
+                "prefect.resource.role": "vm",
+                "cloud": "aws",
+                "region": "eu-west-1",
+                "instance-type": "m6i.large",
+                "spot": "true",
+            }
+        ]
