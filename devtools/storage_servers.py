@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -158,6 +159,7 @@ class HttpFileServer:
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="http-files-"))
         self.ranges = True
+        self.delay = 0.0  # seconds each GET waits before answering: a slow link
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self._faults: list[list[Any]] = []  # [status, path prefix, times left or None]
         self._lock = threading.Lock()
@@ -247,6 +249,8 @@ def _handler(server: HttpFileServer) -> type[BaseHTTPRequestHandler]:
         def _get(self, *, body: bool) -> None:
             if self._fault():
                 return
+            if body and server.delay:
+                time.sleep(server.delay)
             path = self._path()
             if path is not None and path.is_dir():
                 path = path / "index.html"  # a PEP 503 index asks for `/simple/<name>/`

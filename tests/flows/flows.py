@@ -34,3 +34,13 @@ async def async_hello(n: int = 5) -> int:
     await asyncio.sleep(0)
     print("hello from an async flow")
     return n + 1
+
+
+@flow
+def spin(seconds: float = 4) -> int:
+    """Pure-Python busy loop: holds the GIL the whole time."""
+    deadline = time.monotonic() + seconds
+    turns = 0
+    while time.monotonic() < deadline:
+        turns += 1
+    return turns
