@@ -31,6 +31,7 @@ bench: install
 	$(PY) -m bench.startup
 	$(PY) -m bench.pull
 	$(PY) -m bench.env
+	$(PY) -m bench.overhead
 
 lint: install
 	$(VENV)/bin/ruff check runner tests bench devtools examples
