@@ -18,6 +18,15 @@ AWS = {
     "instance-type": "m6i.large",
     "instance-life-cycle": "spot",
 }
+# What the runner should make of AWS above, as the related resource on its events.
+AWS_RESOURCE = {
+    "prefect.resource.id": f"runner.vm.{AWS['instance-id']}",
+    "prefect.resource.role": "vm",
+    "cloud": "aws",
+    "region": "eu-west-1",
+    "instance-type": "m6i.large",
+    "spot": "true",
+}
 GCP = {
     "id": "4520935512138873457",
     "zone": "projects/123/zones/us-central1-a",

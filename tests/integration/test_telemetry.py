@@ -128,7 +128,7 @@ def test_the_run_summary_artifact_has_the_numbers(runner, flow_run, client, tmp_
 
 
 def test_events_name_the_vm_from_its_metadata_service(runner, flow_run, prefect_server, tmp_path):
-    from devtools.metadata_servers import AWS, MetadataServer
+    from devtools.metadata_servers import AWS_RESOURCE, MetadataServer
 
     run = flow_run("sleeper", pid_file=str(tmp_path / "pid"), seconds=2)
 
@@ -144,13 +144,4 @@ def test_events_name_the_vm_from_its_metadata_service(runner, flow_run, prefect_
             prefect_server.api_url, event=name, resource_id=f"prefect.flow-run.{run.id}"
         )[0]
         vm = [r for r in event["related"] if r["prefect.resource.role"] == "vm"]
-        assert vm == [
-            {
-                "prefect.resource.id": f"runner.vm.{AWS['instance-id']}",
-                "prefect.resource.role": "vm",
-                "cloud": "aws",
-                "region": "eu-west-1",
-                "instance-type": "m6i.large",
-                "spot": "true",
-            }
-        ]
+        assert vm == [AWS_RESOURCE]

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from devtools.metadata_servers import AWS, AZURE, MetadataServer
+from devtools.metadata_servers import AWS_RESOURCE, AZURE, MetadataServer
 from devtools.server_process import free_port
 from runner.vm.metadata import cloud_from_dmi, detect
 
@@ -25,14 +25,7 @@ def _urls(url: str) -> dict[str, str]:
 def test_aws_imdsv2_with_its_token(imds):
     machine = detect(cloud="aws", urls=_urls(imds.url))
 
-    assert machine.resource() == {
-        "prefect.resource.id": f"runner.vm.{AWS['instance-id']}",
-        "prefect.resource.role": "vm",
-        "cloud": "aws",
-        "region": "eu-west-1",
-        "instance-type": "m6i.large",
-        "spot": "true",
-    }
+    assert machine.resource() == AWS_RESOURCE
     assert ("PUT", "/latest/api/token") in imds.requests
 
 
