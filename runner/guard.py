@@ -78,9 +78,12 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
         log.error("%s", internal_error_line(exc))
         exit_code = ExitCode.BOOTSTRAP_ERROR
     finally:
-        telemetry.close(exit_code=int(exit_code))  # the teardown phase: the last event
-        _write_summary(settings, telemetry, int(exit_code))
-        _flush_prefect()
+        try:  # reporting is best effort; the teardown below must happen whatever
+            telemetry.close(exit_code=int(exit_code))  # the teardown phase: the last event
+            _write_summary(settings, telemetry, int(exit_code))
+            _flush_prefect()
+        except Exception as exc:
+            log.error("could not finish reporting to Prefect: %s", exc)
         teardown(exit_code=int(exit_code))
         for sig, handler in previous.items():
             signal.signal(sig, handler)
