@@ -31,6 +31,8 @@ from runner.errors import (
 )
 from runner.settings import Settings
 from runner.telemetry.reporter import RunTelemetry
+from runner.telemetry.sender import EventSender
+from runner.telemetry.summary import ARTIFACT_KEY
 from runner.vm.metadata import Detection
 from runner.vm.teardown import Teardown
 
@@ -59,11 +61,12 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
     teardown = teardown or Teardown(settings)
     exit_code = ExitCode.BOOTSTRAP_ERROR
     signals = _Signals()
+    sender = EventSender()
     telemetry = RunTelemetry(
         started=time.monotonic(),
         heartbeat_seconds=settings.heartbeat_seconds,
         metrics_seconds=settings.metrics_seconds,
-        emit=_emit,
+        emit=sender.send,
     )
     previous = {sig: signal.signal(sig, signals.note) for sig in _FORWARDED}
     try:
@@ -80,8 +83,9 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
     finally:
         try:  # reporting is best effort; the teardown below must happen whatever
             telemetry.close(exit_code=int(exit_code))  # the teardown phase: the last event
-            _write_summary(settings, telemetry, int(exit_code))
+            _write_summary(settings, telemetry, sender, int(exit_code))
             _flush_prefect()
+            sender.close()
         except Exception as exc:
             log.error("could not finish reporting to Prefect: %s", exc)
         teardown(exit_code=int(exit_code))
@@ -106,9 +110,10 @@ def _fork_and_supervise(
     sys.stdout.flush()
     sys.stderr.flush()
     oom_before = oom_kill_count()
-    # Prefect is not imported yet: the worker imports it once, in the interpreter that
-    # runs the flow (which may be another one: see worker.py), and the guard only when
-    # it first needs it (heartbeats, the report). What is imported so far is shared
+    # Prefect is not imported here: the worker imports it once, in the interpreter that
+    # runs the flow (which may be another one: see worker.py); the guard sends its
+    # events over plain HTTP (telemetry/sender.py) and imports Prefect only to report a
+    # crash, which keeps it small for the whole run. What is imported so far is shared
     # copy-on-write; frozen objects are never visited by GC, so neither process
     # dirties those pages.
     gc.freeze()
@@ -272,25 +277,22 @@ def _remove_orphan_container(inbox: Inbox, ended: WorkerExit) -> None:
         log.error("could not remove container %s: %s", container["name"], exc)
 
 
-def _write_summary(settings: Settings, telemetry: RunTelemetry, exit_code: int) -> None:
+def _write_summary(
+    settings: Settings, telemetry: RunTelemetry, sender: EventSender, exit_code: int
+) -> None:
     """The runner-summary artifact on the claimed run; best effort, before the teardown."""
     markdown = telemetry.summary(exit_code=exit_code, hourly_cost=settings.hourly_cost)
     if markdown is None:
         return
     try:
-        from runner.prefect_api import write_summary
-
-        write_summary(settings.run_id(), markdown)
+        sender.write_artifact(
+            flow_run_id=settings.run_id(),
+            key=ARTIFACT_KEY,
+            markdown=markdown,
+            description="What the machine did for this run (prefect-vm-runner)",
+        )
     except Exception as exc:
         log.error("could not write the run summary artifact: %s", exc)
-
-
-def _emit(**event: object) -> None:
-    """Emit through Prefect, imported on the first event (in the heartbeat's thread, one
-    interval after the claim: never on the worker's critical path)."""
-    from runner.prefect_api import emit
-
-    emit(**event)
 
 
 def _flush_prefect() -> None:

@@ -129,24 +129,6 @@ class PrefectApi:
         )
 
 
-def write_summary(flow_run_id: uuid.UUID, markdown: str) -> None:
-    """The ``runner-summary`` markdown artifact on the flow run."""
-    from prefect.client.schemas.actions import ArtifactCreate
-
-    from runner.telemetry.summary import ARTIFACT_KEY
-
-    with get_client(sync_client=True) as client:
-        client.create_artifact(
-            ArtifactCreate(
-                key=ARTIFACT_KEY,
-                type="markdown",
-                data=markdown,
-                description="What the machine did for this run (prefect-vm-runner)",
-                flow_run_id=flow_run_id,
-            )
-        )
-
-
 def emit(**event: Any) -> None:
     """Queue one event for Prefect's events worker (sent in the background)."""
     emit_event(**event)

@@ -19,16 +19,15 @@ from runner.vm.metadata import Machine
 
 log = logging.getLogger("runner")
 
-_HOLD_SECONDS = 10.0
 PHASES = ("claimed", "code-pulled", "env-ready", "flow-started", "flow-finished", "teardown")
 
 
 class RunTelemetry:
     """Started by the worker's ``claimed`` message; ``phase`` messages become events.
 
-    Events go through one background thread (``emit`` may import Prefect on first
-    use, and must never hold up the guard's supervision loop); ``close`` waits for
-    them, and the teardown event is the last one sent."""
+    Phase events go through one background thread (a request must never hold up
+    the guard's supervision loop); ``close`` waits for them, and the teardown event
+    is the last one sent."""
 
     def __init__(
         self,
@@ -50,9 +49,6 @@ class RunTelemetry:
         self._periodic: list[Periodic] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._sender = threading.Thread(target=self._send, name="runner-events", daemon=True)
-        # Sending imports Prefect in the guard: held back until the flow has started (or
-        # a few seconds passed), so that it never competes with the worker's start-up.
-        self._go = threading.Event()
         # For the summary artifact.
         self.usage = Usage()
         self._phase_seconds: dict[str, float] = {}
@@ -62,8 +58,6 @@ class RunTelemetry:
 
     def on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
-        if kind == "phase" and message.get("name") in ("flow-started", "flow-finished"):
-            self._go.set()
         if kind == "claimed" and self._resource is None:
             self._resource, self._related = message["resource"], message["related"]
             if (machine := self.machine()) is not None:
@@ -107,7 +101,7 @@ class RunTelemetry:
             return
         event = {
             "event": f"runner.phase.{name}",
-            # When it happened, not when it is sent (sending may be held back).
+            # When it happened, not when the sender thread gets to it.
             "occurred": datetime.now(timezone.utc),
             "resource": self._resource,
             "related": self._related,
@@ -126,7 +120,6 @@ class RunTelemetry:
             return
         self.phase("teardown", exit_code=exit_code)
         self._queue.put(None)
-        self._go.set()
         self._sender.join(timeout)
 
     def _start_periodic(self) -> None:
@@ -155,7 +148,6 @@ class RunTelemetry:
             periodic.start()
 
     def _send(self) -> None:
-        self._go.wait(_HOLD_SECONDS)
         while (event := self._queue.get()) is not None:
             try:
                 self._emit(**event)
