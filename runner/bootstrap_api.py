@@ -217,12 +217,6 @@ class RunLog:
     def info(self, message: str, *args: object) -> None:
         self._add(logging.INFO, message % args if args else message)
 
-    def warning(self, message: str, *args: object) -> None:
-        self._add(logging.WARNING, message % args if args else message)
-
-    def error(self, message: str, *args: object) -> None:
-        self._add(logging.ERROR, message % args if args else message)
-
     def _add(self, level: int, line: str) -> None:
         log.log(level, "%s", line)
         self._pending.append((level, line, datetime.now(timezone.utc)))

@@ -122,3 +122,10 @@ def exit_code_for_state(state_type: str | None) -> ExitCode:
 def internal_error_line(exc: BaseException) -> str:
     """The one line for an error outside this tree (a bug, an OS failure): exit code 3."""
     return f"internal error in the runner: {type(exc).__name__}: {exc}"
+
+
+def output_tail(output: str, lines: int) -> str:
+    """The last ``lines`` non-blank lines of a tool's output, on one line ("" if none):
+    what an error line quotes of podman or uv."""
+    kept = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.errors import EnvBuildError
+from runner.errors import EnvBuildError, output_tail
 from runner.settings import Settings
 
 CHANNEL_FD = 3
@@ -111,7 +111,6 @@ def _pull_if_missing(cli: str, ref: str, *, say: Callable[[str], None]) -> None:
         [cli, "pull", "--quiet", ref], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
-        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
-        tail = " | ".join(lines[-_TAIL_LINES:]) or f"exit {done.returncode}"
+        tail = output_tail(done.stderr or done.stdout, _TAIL_LINES) or f"exit {done.returncode}"
         raise EnvBuildError(f"could not pull image {ref}: {tail}")
     say(f"image {ref}: pulled in {time.monotonic() - started:.1f}s")

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from runner.environment.spec import EnvSpec
-from runner.errors import EnvBuildError
+from runner.errors import EnvBuildError, output_tail
 from runner.settings import Settings
 from runner.storage import redact
 
@@ -274,8 +274,7 @@ def _run(command: list[str], *, env: dict[str, str], doing: str, settings: Setti
 
 def _clean_tail(output: str, settings: Settings) -> str:
     """The end of uv's message, on one line, with index credentials removed."""
-    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
-    text = " | ".join(lines[-_UV_TAIL_LINES:]) or "no output"
+    text = output_tail(output, _UV_TAIL_LINES) or "no output"
     for url in filter(None, [settings.index_url, *(settings.extra_index_url or "").split()]):
         text = text.replace(url, redact(url))
     # uv may print an index URL in its own normalized form: drop any user:password@.
