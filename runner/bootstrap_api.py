@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from runner.errors import ApiUnreachable, CodeLoadError, ConfigError, FlowRunNotFound, NotExecuted
+from runner.redaction import mask
 from runner.storage import redact
 
 log = logging.getLogger("runner")
@@ -156,7 +157,7 @@ class BootstrapApi:
             {
                 "name": "runner",
                 "level": level,
-                "message": message,
+                "message": mask(message),
                 "timestamp": when.isoformat(),
                 "flow_run_id": str(self.flow_run_id),
             }

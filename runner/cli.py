@@ -11,7 +11,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from runner import __version__, logs
+from runner import __version__, logs, redaction
 from runner.errors import ExitCode, RunnerError, internal_error_line
 from runner.settings import Settings, env_var, load_settings
 
@@ -19,9 +19,21 @@ log = logging.getLogger("runner")
 
 # Subcommands by name; anything else on the command line means `run` (so that
 # `python -m runner --flow-run-id ID` works as Prefect workers call it).
-COMMANDS = ("run", "bundle", "env")
+COMMANDS = ("run", "bundle", "env", "doctor")
 # The settings `env build` reads (it builds into the workdir's cache, as a run would).
 _ENV_BUILD_SETTINGS = ("workdir", "index_url", "extra_index_url", "env_cache_bytes", "log_level")
+# The settings `doctor` reads: where runs work, how often they beat, which cloud this is.
+_DOCTOR_SETTINGS = (
+    "workdir",
+    "heartbeat_seconds",
+    "cloud",
+    "aws_metadata_url",
+    "gcp_metadata_url",
+    "azure_metadata_url",
+    "hourly_cost",
+    "price_table",
+    "log_level",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in Settings.model_fields}
     settings = load_settings(**overrides)
+    redaction.watch(settings.secret_env)
     logs.configure(settings.log_level)
     # Imported here so that `--help` and config errors stay instant.
     from runner import guard
@@ -73,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     _add_bundle_commands(commands)
     _add_env_commands(commands)
+    _add_doctor_command(commands)
     return parser
 
 
@@ -152,6 +166,51 @@ def _add_env_commands(commands: argparse._SubParsersAction) -> None:
     _add_settings_flags(build, only=_ENV_BUILD_SETTINGS)
     build.add_argument("--json", action="store_true", help="print the result as one JSON line")
     build.set_defaults(handler=_env_build)
+
+
+def _add_doctor_command(commands: argparse._SubParsersAction) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this machine can run flow runs; install the zombie automation",
+        description="One line per check (Prefect API, workdir, uv, podman/docker, cloud "
+        "metadata, zombie automation); exit 0, or 2 when a check failed.",
+    )
+    doctor.add_argument(
+        "--install-automation",
+        action="store_true",
+        help="create (or update) the Prefect automation that marks a flow run Crashed when "
+        "its VM stops sending heartbeats without tearing down",
+    )
+    doctor.add_argument(
+        "--missed-heartbeats",
+        type=int,
+        default=3,
+        metavar="N",
+        help="heartbeats a run may miss before the automation crashes it [default: 3]",
+    )
+    doctor.add_argument(
+        "--automation-json",
+        action="store_true",
+        help="print the automation as JSON (for `prefect automation create -f`) and exit",
+    )
+    _add_settings_flags(doctor, only=_DOCTOR_SETTINGS)
+    doctor.set_defaults(handler=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from runner import doctor
+
+    settings = load_settings(**{name: getattr(args, name) for name in _DOCTOR_SETTINGS})
+    logs.configure(settings.log_level)
+    if args.automation_json:
+        print(doctor.automation_json(settings, args.missed_heartbeats))
+        return ExitCode.COMPLETED
+    return doctor.run(
+        settings,
+        install_automation=args.install_automation,
+        missed=args.missed_heartbeats,
+        say=print,
+    )
 
 
 def _env_push(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from runner.channel import Inbox, Sender
 from runner.crash import WorkerExit, oom_kill_count
 from runner.errors import (
     BootstrapError,
+    ConfigError,
     ExitCode,
     RunnerError,
     exit_code_for_state,
@@ -34,6 +35,7 @@ from runner.telemetry.reporter import RunTelemetry
 from runner.telemetry.sender import EventSender
 from runner.telemetry.summary import ARTIFACT_KEY
 from runner.vm.metadata import Detection
+from runner.vm.prices import hourly_price
 from runner.vm.teardown import Teardown
 
 log = logging.getLogger("runner")
@@ -281,7 +283,16 @@ def _write_summary(
     settings: Settings, telemetry: RunTelemetry, sender: EventSender, exit_code: int
 ) -> None:
     """The runner-summary artifact on the claimed run; best effort, before the teardown."""
-    markdown = telemetry.summary(exit_code=exit_code, hourly_cost=settings.hourly_cost)
+    try:
+        price = hourly_price(
+            hourly_cost=settings.hourly_cost,
+            table_path=settings.price_table,
+            machine=telemetry.machine(),
+        )
+    except ConfigError as exc:  # a cost estimate is never worth failing a run for
+        log.error("%s; the run summary has no cost estimate", exc)
+        price = None
+    markdown = telemetry.summary(exit_code=exit_code, price=price)
     if markdown is None:
         return
     try:

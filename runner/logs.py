@@ -1,9 +1,11 @@
-"""The runner's own log lines: one format, to stderr (the journal on a VM)."""
+"""The runner's own log lines: one format, to stderr (the journal on a VM), secrets masked."""
 
 from __future__ import annotations
 
 import logging
 import sys
+
+from runner.redaction import MaskFilter
 
 
 def configure(level: str) -> None:
@@ -15,6 +17,7 @@ def configure(level: str) -> None:
     handler.setFormatter(
         logging.Formatter("%(asctime)s runner[%(process)d] %(levelname)s %(message)s")
     )
+    handler.addFilter(MaskFilter())
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

@@ -31,6 +31,7 @@ from runner.errors import (
     ConfigError,
     FlowRunNotFound,
 )
+from runner.redaction import mask
 from runner.storage import redact
 
 if TYPE_CHECKING:
@@ -111,7 +112,9 @@ class PrefectApi:
         worker that would have moved it on is gone, and orchestration rules must not
         keep the run Pending or Running for ever. Callers check it is not final."""
         with self._http_errors("reporting the crash"):
-            self._client.set_flow_run_state(self.flow_run_id, Crashed(message=message), force=True)
+            self._client.set_flow_run_state(
+                self.flow_run_id, Crashed(message=mask(message)), force=True
+            )
             self.log(message, level=logging.ERROR)
 
     def log(self, message: str, *, level: int = logging.INFO) -> None:
@@ -121,7 +124,7 @@ class PrefectApi:
                 LogCreate(
                     name="runner",
                     level=level,
-                    message=message,
+                    message=mask(message),
                     timestamp=datetime.now(timezone.utc),
                     flow_run_id=self.flow_run_id,
                 )

@@ -142,6 +142,19 @@ class Settings(BaseSettings):
         description="What this machine costs per hour (any currency, shown as $), for the "
         "run summary's cost estimate; unset: no estimate.",
     )
+    secret_env: str | None = Field(
+        default=None,
+        description="Names of more environment variables whose values are secrets "
+        "(space- or comma-separated, e.g. 'DB_PASSWORD GITHUB_TOKEN'): masked as *** in the "
+        "runner's lines and in the flow's logs, like PREFECT_API_KEY and cloud credentials "
+        "always are, and forwarded into --image containers.",
+    )
+    price_table: Path | None = Field(
+        default=None,
+        description='JSON file of prices per hour by instance type, e.g. {"m5.large": 0.096, '
+        '"g5.xlarge": {"on_demand": 1.006, "spot": 0.45}}: the run summary\'s cost '
+        "estimate for the instance type the cloud's metadata names, when --hourly-cost is unset.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the runner's own log lines."
     )

@@ -18,6 +18,12 @@ import pytest  # noqa: E402
 
 from devtools.prefect_server import PrefectServer  # noqa: E402
 from devtools.storage_servers import MotoServer  # noqa: E402
+from tests.helpers import run_cli  # noqa: E402
+from tests.planted import SECRET_ENV, record  # noqa: E402
+
+# Planted secrets: tests/integration/test_secrets.py checks at the end of the session that
+# none of them came out anywhere.
+os.environ.update(SECRET_ENV)
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWS_DIR = Path(__file__).resolve().parent / "flows"
@@ -165,11 +171,28 @@ class Runner:
 
     def finish(self, proc: subprocess.Popen[str], timeout: float = 120) -> RunnerResult:
         stdout, stderr = proc.communicate(timeout=timeout)
+        record(stdout, stderr)
         teardowns = self.teardown_log.read_text().split() if self.teardown_log.exists() else []
         return RunnerResult(proc.returncode, stdout, stderr, teardowns, self.workdir)
 
     def run(self, *args: str, timeout: float = 120, **env: str) -> RunnerResult:
         return self.finish(self.start(*args, **env), timeout=timeout)
+
+    def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """Another command (``bundle push``, ``env build``...) with this runner's environment."""
+        return run_cli(*args, env=self.env(**env))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``last`` (the check over the whole session's output) run last."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Every test's captured output goes into the transcript the secrets check reads."""
+    if report.when == "teardown":  # by then the report holds every phase's sections
+        record(*(content for _, content in report.sections))
+    record(report.longreprtext)
 
 
 @pytest.fixture

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from devtools.server_process import free_port
+from tests.planted import record
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m runner ARGS`` from the repository, its output captured (and recorded for
+    the secrets check)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    record(done.stdout, done.stderr)
+    return done
 
 
 def wait_for_file(path: Path, timeout: float = 60) -> str:

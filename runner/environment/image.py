@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner import redaction
 from runner.errors import EnvBuildError, output_tail
 from runner.settings import Settings
 
@@ -93,8 +94,12 @@ def remove(cli: str, name: str) -> None:
 
 
 def _forwarded(environ: os._Environ[str] | dict[str, str]) -> set[str]:
+    # --secret-env names are secrets the flow needs: they go in too, by name.
+    secrets = set(redaction.secret_names(environ))
     return {
-        name for name in environ if name.startswith(_FORWARDED_PREFIXES) or name in _FORWARDED_NAMES
+        name
+        for name in environ
+        if name.startswith(_FORWARDED_PREFIXES) or name in _FORWARDED_NAMES or name in secrets
     }
 
 

@@ -16,6 +16,7 @@ from runner.telemetry.metrics import Sampler
 from runner.telemetry.periodic import Emit, Periodic
 from runner.telemetry.summary import Usage, render
 from runner.vm.metadata import Machine
+from runner.vm.prices import Price
 
 log = logging.getLogger("runner")
 
@@ -81,7 +82,7 @@ class RunTelemetry:
             )
         self._state = details.get("state", self._state)
 
-    def summary(self, *, exit_code: int, hourly_cost: float | None) -> str | None:
+    def summary(self, *, exit_code: int, price: Price | None) -> str | None:
         """The runner-summary markdown, or None when no run was claimed."""
         if self._resource is None:
             return None
@@ -93,7 +94,7 @@ class RunTelemetry:
             exit_code=exit_code,
             state=self._state,
             wall_seconds=self.elapsed(),
-            hourly_cost=hourly_cost,
+            price=price,
         )
 
     def phase(self, name: str, **payload: Any) -> None:

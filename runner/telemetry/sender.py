@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from runner.bootstrap_api import connection
+from runner.redaction import mask, scrub
 
 log = logging.getLogger("runner")
 
@@ -28,6 +29,8 @@ class EventSender:
         self._fallback = False
 
     def send(self, **event: Any) -> None:
+        # Runner events carry no secret by design; masking them anyway costs microseconds.
+        event = {key: scrub(value) if key != "occurred" else value for key, value in event.items()}
         if self._fallback:
             return _prefect_emit(**event)
         occurred = event.get("occurred") or datetime.now(timezone.utc)
@@ -54,7 +57,7 @@ class EventSender:
         body = {
             "key": key,
             "type": "markdown",
-            "data": markdown,
+            "data": mask(markdown),
             "description": description,
             "flow_run_id": str(flow_run_id),
         }

@@ -8,6 +8,7 @@ from typing import Any
 
 from runner.errors import ExitCode
 from runner.units import human_bytes
+from runner.vm.prices import Price
 
 ARTIFACT_KEY = "runner-summary"
 
@@ -54,7 +55,7 @@ def render(
     exit_code: int,
     state: str | None,
     wall_seconds: float,
-    hourly_cost: float | None,
+    price: Price | None,
 ) -> str:
     """The summary as markdown: phases, resources, data, outcome, cost."""
     lines = ["# Run summary", "", "| phase | seconds |", "| --- | --- |"]
@@ -78,9 +79,9 @@ def render(
         ExitCode(exit_code).name.lower().replace("_", " ") if exit_code in set(ExitCode) else "?"
     )
     lines.append(f"| exit | {exit_code} ({meaning}){f', flow run {state}' if state else ''} |")
-    if hourly_cost is not None:
-        cost = hourly_cost * wall_seconds / 3600
-        lines.append(f"| cost estimate | ${cost:.4f} (at ${hourly_cost:g}/h) |")
+    if price is not None:
+        cost = price.hourly * wall_seconds / 3600
+        lines.append(f"| cost estimate | ${cost:.4f} (at ${price.hourly:g}/h, {price.basis}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,3 +44,18 @@ def spin(seconds: float = 4) -> int:
     while time.monotonic() < deadline:
         turns += 1
     return turns
+
+
+@flow(log_prints=True)
+def leaky(seconds: float = 0) -> None:
+    """Tries to put the --secret-env value in its logs: a print, a log line, a traceback."""
+    from prefect import get_run_logger
+
+    secret = os.environ["RVM_PLANTED_SECRET"]
+    print(f"the secret is {secret}")
+    get_run_logger().warning("again: %s", secret)
+    try:
+        raise RuntimeError(f"an error naming {secret}")
+    except RuntimeError:
+        get_run_logger().exception("caught")
+    time.sleep(seconds)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runner.storage import resolve
-from tests.conftest import FLOWS_DIR, REPO
+from tests.conftest import FLOWS_DIR
 from tests.helpers import crafted_bundle
 
 STEP = "runner.steps.pull_bundle"
@@ -55,14 +54,7 @@ def _read(url: str) -> bytes:
 
 
 def _push(runner, store: Store, source: Path = FLOWS_DIR) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runner", "bundle", "push", str(source), "--to", store.url],
-        env=runner.env(**store.env),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return runner.cli("bundle", "push", str(source), "--to", store.url, **store.env)
 
 
 def _logs(client, flow_run_id) -> str:

@@ -14,7 +14,6 @@ import pytest
 from devtools.server_process import free_port
 from devtools.storage_servers import HttpFileServer
 from devtools.wheel_index import build_index
-from tests.conftest import REPO
 
 STEP = "runner.steps.pull_bundle"
 FLOW = """
@@ -62,14 +61,7 @@ def _project(tmp_path: Path, **files: str) -> Path:
 
 
 def _cli(runner, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args],
-        env=runner.env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return runner.cli(*args)
 
 
 def _bundle(runner, project: Path, tmp_path: Path) -> str:

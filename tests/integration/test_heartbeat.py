@@ -74,17 +74,12 @@ def test_heartbeats_keep_their_rate_while_the_flow_holds_the_gil(runner, flow_ru
 
 
 def test_heartbeats_flow_during_a_slow_code_pull(runner, flow_run, prefect_server, tmp_path):
-    import subprocess
-    import sys
 
     from devtools.storage_servers import HttpFileServer
-    from tests.conftest import FLOWS_DIR, REPO
+    from tests.conftest import FLOWS_DIR
 
     root = tmp_path / "served"
-    pushed = subprocess.run(
-        [sys.executable, "-m", "runner", "bundle", "push", str(FLOWS_DIR), "--to", str(root)],
-        env=runner.env(), cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    pushed = runner.cli("bundle", "push", str(FLOWS_DIR), "--to", str(root))
     assert pushed.returncode == 0, pushed.stderr
     name = pushed.stdout.strip().rsplit("/", 1)[1]
     with HttpFileServer(root) as http:

@@ -4,13 +4,11 @@ with podman and runs the flow stage inside it, the guard staying on the host."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from devtools.images import podman_run_flags, push
-from tests.conftest import REPO
 
 STEP = "runner.steps.pull_bundle"
 FLOW = """
@@ -41,23 +39,7 @@ def _bundle(runner, tmp_path) -> str:
     project = tmp_path / "project"
     project.mkdir()
     (project / "flows.py").write_text(FLOW)
-    pushed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "runner",
-            "bundle",
-            "push",
-            str(project),
-            "--to",
-            f"file://{tmp_path}/b",
-        ],
-        env=runner.env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    pushed = runner.cli("bundle", "push", str(project), "--to", f"file://{tmp_path}/b")
     assert pushed.returncode == 0, pushed.stderr
     return pushed.stdout.strip()
 

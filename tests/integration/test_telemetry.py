@@ -3,15 +3,13 @@ runner.phase.<name> events in order, the teardown phase last."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import httpx
 import psutil
 
 from runner.telemetry.reporter import PHASES
-from tests.conftest import FLOWS_DIR, REPO
+from tests.conftest import FLOWS_DIR
 from tests.helpers import read_events
 
 METRIC_KEYS = {
@@ -67,10 +65,7 @@ def test_metrics_arrive_with_every_key_and_plausible_values(
 def test_phase_events_arrive_in_order_and_teardown_is_the_last_event(
     runner, flow_run, prefect_server, tmp_path
 ):
-    pushed = subprocess.run(
-        [sys.executable, "-m", "runner", "bundle", "push", str(FLOWS_DIR), "--to", f"file://{tmp_path}/b"],
-        env=runner.env(), cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    pushed = runner.cli("bundle", "push", str(FLOWS_DIR), "--to", f"file://{tmp_path}/b")
     assert pushed.returncode == 0, pushed.stderr
     run = flow_run(
         "hello",
@@ -127,15 +122,19 @@ def test_the_run_summary_artifact_has_the_numbers(runner, flow_run, client, tmp_
     assert 3 <= flow_seconds < 10
 
 
-def test_events_name_the_vm_from_its_metadata_service(runner, flow_run, prefect_server, tmp_path):
+def test_events_name_the_vm_from_its_metadata_service_and_its_type_prices_the_run(
+    runner, flow_run, prefect_server, client, tmp_path
+):
     from devtools.metadata_servers import AWS_RESOURCE, MetadataServer
 
     run = flow_run("sleeper", pid_file=str(tmp_path / "pid"), seconds=2)
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"m6i.large": {"on_demand": 0.096, "spot": 0.04}, "m5.large": 0.1}')
 
     with MetadataServer() as imds:
         result = runner.run(
             "--flow-run-id", str(run.id), "--heartbeat-seconds", "1",
-            "--cloud", "aws", "--aws-metadata-url", imds.url,
+            "--cloud", "aws", "--aws-metadata-url", imds.url, "--price-table", str(prices),
         )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
@@ -145,3 +144,5 @@ def test_events_name_the_vm_from_its_metadata_service(runner, flow_run, prefect_
         )[0]
         vm = [r for r in event["related"] if r["prefect.resource.role"] == "vm"]
         assert vm == [AWS_RESOURCE]
+    (artifact,) = [a for a in client.read_artifacts() if a.flow_run_id == run.id]
+    assert "(at $0.04/h, m6i.large spot, price table) |" in artifact.data  # a spot machine

@@ -4,7 +4,6 @@ mapping, and one clear error per bad spec."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from importlib.metadata import version
 
@@ -12,7 +11,7 @@ import pytest
 
 from runner.environment.spec import EnvSpec, find_in, from_bytes, load, to_bytes
 from runner.errors import EnvSpecError
-from tests.conftest import REPO
+from tests.helpers import run_cli
 
 
 def _coiled(*packages: dict, **extra) -> bytes:
@@ -144,13 +143,7 @@ def test_capture_records_this_environment_pinned():
 
 
 def test_env_push_capture_uploads_a_content_addressed_spec(tmp_path):
-    pushed = subprocess.run(
-        [sys.executable, "-m", "runner", "env", "push", "--capture", "--to", f"file://{tmp_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    pushed = run_cli("env", "push", "--capture", "--to", f"file://{tmp_path}")
 
     assert pushed.returncode == 0, pushed.stderr
     path = tmp_path / pushed.stdout.strip().rsplit("/", 1)[1]

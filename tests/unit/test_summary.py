@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runner.telemetry.summary import Usage, render
+from runner.vm.prices import Price
 
 
 def _sample(cpu: float, rss: int, gpu: int | None = None) -> dict:
@@ -24,7 +25,7 @@ def test_peaks_means_and_cost():
         exit_code=1,
         state="FAILED",
         wall_seconds=3600,
-        hourly_cost=2.5,
+        price=Price(2.5, "--hourly-cost"),
     )
 
     assert "| CPU (all cores) | 80% | 50% |" in text
@@ -33,7 +34,7 @@ def test_peaks_means_and_cost():
     assert "| bytes downloaded | 3.0 MiB |" in text
     assert "| bundle cache | miss |" in text and "| environment cache | hit |" in text
     assert "| exit | 1 (flow failed), flow run FAILED |" in text
-    assert "| cost estimate | $2.5000 (at $2.5/h) |" in text
+    assert "| cost estimate | $2.5000 (at $2.5/h, --hourly-cost) |" in text
 
 
 def test_no_samples_and_no_price():
@@ -45,7 +46,7 @@ def test_no_samples_and_no_price():
         exit_code=5,
         state=None,
         wall_seconds=1,
-        hourly_cost=None,
+        price=None,
     )
 
     assert "no metrics samples" in text and "cost estimate" not in text

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 from runner.errors import ExitCode, exit_code_for_state
 from runner.settings import Settings
 from runner.vm.teardown import Teardown
+from tests.helpers import run_cli
 
 
 def test_teardown_command_runs_exactly_once(tmp_path):
@@ -36,9 +36,7 @@ def test_exit_codes_for_final_states():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args], capture_output=True, text=True, timeout=60
-    )
+    return run_cli(*args, timeout=60)
 
 
 def test_help_lists_every_setting_and_the_exit_codes():
