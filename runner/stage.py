@@ -94,7 +94,9 @@ def run(stage: Stage, channel: Sender) -> int:
     from prefect.logging.loggers import flow_run_logger
 
     from runner.execute import load_flow_code, run_in_process
+    from runner.redaction import mask_all_handlers
 
+    mask_all_handlers()  # Prefect's logging is configured by now
     started = time.monotonic()
     flow_run = FlowRun.model_validate(stage.flow_run)
     deployment = DeploymentResponse.model_validate(stage.deployment)
