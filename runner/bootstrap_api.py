@@ -45,6 +45,13 @@ def connection() -> tuple[str, dict[str, str]]:
     return url.rstrip("/"), headers
 
 
+def websocket_token() -> str | None:
+    """What Prefect's websockets take in their auth message: the API key, else the
+    auth string."""
+    _, key, auth = _resolved()
+    return key or auth
+
+
 def prefect_environment() -> dict[str, str]:
     """PREFECT_API_URL / _KEY / _AUTH_STRING as variables, for a process that cannot read
     this machine's Prefect profile (a container); empty when they are variables already."""

@@ -284,7 +284,7 @@ def _add_settings_flags(
 def _exit_code_table() -> str:
     meanings: dict[ExitCode, str] = {
         ExitCode.COMPLETED: "the flow run Completed",
-        ExitCode.FLOW_FAILED: "the flow ran and ended Failed (or Cancelled)",
+        ExitCode.FLOW_FAILED: "the flow ran and ended Failed, or the run was cancelled",
         ExitCode.CONFIG_ERROR: "usage or configuration error (bad flag, id, missing run)",
         ExitCode.BOOTSTRAP_ERROR: "infrastructure error before the flow ran (API, code)",
         ExitCode.NOT_EXECUTED: "not executed: run already running or final, or claim refused",

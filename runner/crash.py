@@ -24,6 +24,7 @@ class WorkerExit:
     forwarded: tuple[str, ...] = ()  # signals the guard passed on to the worker
     killed_by_guard: bool = False  # the grace period ran out and the guard sent SIGKILL
     oom_kills: int = 0  # OOM kills recorded in this cgroup while the worker ran
+    cancelled: bool = False  # the run was Cancelling and the guard stopped the worker
     memory_limit_bytes: int = field(default_factory=lambda: memory_limit())
 
     @property
@@ -48,7 +49,8 @@ class WorkerExit:
     def describe(self) -> str:
         """One line for the Crashed state message and the journal."""
         if self.killed_by_guard:
-            how = f"worker did not stop after {', '.join(self.forwarded)} and was killed (SIGKILL)"
+            asked = ", ".join(self.forwarded) or "the cancel request"
+            how = f"worker did not stop after {asked} and was killed (SIGKILL)"
         elif self.signal_name:
             how = f"worker process was killed by {self.signal_name}"
             if self.forwarded:

@@ -20,6 +20,7 @@ from contextlib import suppress
 
 from runner import worker
 from runner.bootstrap_api import connection
+from runner.cancellation import CancelWatch
 from runner.channel import Inbox, Sender
 from runner.crash import WorkerExit, oom_kill_count
 from runner.errors import (
@@ -176,6 +177,12 @@ def _supervise(
     selector.register(pidfd, selectors.EVENT_READ, "exited")
     selector.register(inbox.fd, selectors.EVENT_READ, "inbox")
     selector.register(wake_r, selectors.EVENT_READ, "signal")
+    # The cancel watch's threads wake this loop through a socket, never by a call into it.
+    cancel_r, cancel_w = socket.socketpair()
+    cancel_r.setblocking(False)
+    selector.register(cancel_r, selectors.EVENT_READ, "cancel")
+    watch: CancelWatch | None = None
+    cancelled = False
     forwarded: list[str] = []
     kill_at: float | None = None
     killed = False
@@ -190,6 +197,21 @@ def _supervise(
                     for message in inbox.messages[seen:]:
                         telemetry.on_message(message)
                     seen = len(inbox.messages)
+                    if watch is None and inbox.last("claimed") is not None:
+                        watch = CancelWatch(
+                            settings.run_id(),
+                            poll_seconds=settings.cancel_poll_seconds,
+                            on_cancel=lambda: cancel_w.send(b"c"),
+                        )
+                        watch.start()
+                elif key.data == "cancel":
+                    cancel_r.recv(64)
+                    if not cancelled:
+                        cancelled = True
+                        log.info("stopping the worker for the cancel (SIGUSR1)")
+                        with suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGUSR1)
+                        kill_at = kill_at or time.monotonic() + settings.cancel_grace_seconds
                 elif key.data == "signal":
                     for signum in wake_r.recv(64):
                         name = signal.Signals(signum).name
@@ -209,19 +231,24 @@ def _supervise(
                         forwarded=tuple(forwarded),
                         killed_by_guard=killed,
                         oom_kills=oom_kill_count() - oom_before,
+                        cancelled=cancelled,
                     )
             if kill_at is not None and not killed and time.monotonic() >= kill_at:
                 log.warning(
                     "worker still running %gs after %s; killing it",
                     settings.cancel_grace_seconds,
-                    forwarded[-1],
+                    forwarded[-1] if forwarded else "the cancel request",
                 )
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 killed = True
                 kill_at = None
     finally:
+        if watch is not None:
+            watch.stop()
         selector.close()
+        cancel_r.close()
+        cancel_w.close()
         os.close(pidfd)
         signal.set_wakeup_fd(previous_wakeup)
         wake_r.close()
@@ -247,6 +274,11 @@ def _conclude(
 
     message = error["message"] if error else ended.describe()
     code = ExitCode(error["exit_code"]) if error else ExitCode.CRASHED
+    if ended.cancelled:
+        # The flow's engine moves a cancelled run on itself (and runs its on_cancellation
+        # hooks); a worker stopped before or without that leaves the guard to do it.
+        message = f"cancelled; the flow's engine did not finish the cancel ({message})"
+        code = ExitCode.FLOW_FAILED
     try:
         from runner.prefect_api import PrefectApi
 
@@ -257,6 +289,10 @@ def _conclude(
             if state is not None and state.is_final():
                 log.info("flow run %s ended %s: %s", flow_run_id, state.name, state.message or "")
                 return exit_code_for_state(state.type.value)
+            if ended.cancelled:
+                api.cancel(message)
+                log.info("flow run %s Cancelled: %s", flow_run_id, message)
+                return code
             api.crash(message)
     except Exception as exc:  # the API is the last thing that can fail; still tear down
         log.error("could not report the crash to Prefect: %s", exc)

@@ -23,7 +23,7 @@ from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Crashed
+from prefect.states import Cancelled, Crashed
 
 from runner.bootstrap_api import connection
 from runner.errors import (
@@ -116,6 +116,14 @@ class PrefectApi:
                 self.flow_run_id, Crashed(message=mask(message)), force=True
             )
             self.log(message, level=logging.ERROR)
+
+    def cancel(self, message: str) -> None:
+        """Mark the run Cancelled (forced, as ``crash``) and say so in its logs."""
+        with self._http_errors("reporting the cancel"):
+            self._client.set_flow_run_state(
+                self.flow_run_id, Cancelled(message=mask(message)), force=True
+            )
+            self.log(message)
 
     def log(self, message: str, *, level: int = logging.INFO) -> None:
         """Write one line to the flow run's logs in Prefect."""

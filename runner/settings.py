@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         description="Seconds the worker gets to stop after SIGTERM/SIGINT is forwarded to it, "
         "before it is killed with SIGKILL.",
     )
+    cancel_poll_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds between polls of the flow run's state for a cancel request; "
+        "Prefect's events websocket tells at once, the poll is its fallback. 0: no poll.",
+    )
     heartbeat_seconds: float = Field(
         default=30.0,
         ge=0,

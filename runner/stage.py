@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -87,8 +88,25 @@ def reporting(channel: Sender, body: Callable[[], int]) -> int:
             flush_prefect()
 
 
+def _cancel(_signum: int, _frame: object) -> None:
+    """SIGUSR1 from the guard: the run is Cancelling. Stop the flow as Prefect's own runner
+    does: the engine is told the SIGTERM that follows is a cancel, so it runs the flow's
+    on_cancellation hooks and ends the run Cancelled (not Crashed)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
+    try:
+        # What Prefect's runner delivers over its control channel before its SIGTERM
+        # (prefect.runner._control_channel); private, hence the pin on prefect<3.10.
+        from prefect._internal import control_listener
+
+        control_listener._set_intent("cancel")
+    except (ImportError, AttributeError):  # the guard still ends the run Cancelled
+        log.warning("this Prefect cannot be told of a cancel: on_cancellation hooks won't run")
+    signal.raise_signal(signal.SIGTERM)
+
+
 def run(stage: Stage, channel: Sender) -> int:
     """Import Prefect, load the flow from the placed code, and run it through the engine."""
+    signal.signal(signal.SIGUSR1, _cancel)
     from prefect.client.schemas.objects import FlowRun
     from prefect.client.schemas.responses import DeploymentResponse
     from prefect.logging.loggers import flow_run_logger

@@ -46,14 +46,15 @@ def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
     # or an image pull in progress is then killed with us (subprocess.run kills its child
     # on any exception) instead of writing on into a directory the next runner removes.
     signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGUSR1, _stopped)  # the guard's cancel; the stage takes it over
     return reporting(channel, lambda: _bootstrap(settings, flow_run_id, channel))
 
 
 def _stopped(signum: int, _frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one is not caught
+    why = "cancelled" if signum == signal.SIGUSR1 else f"stopped by {signal.Signals(signum).name}"
     raise BootstrapError(
-        f"stopped by {signal.Signals(signum).name} while preparing the flow run "
-        "(claim, code, environment); the flow did not start"
+        f"{why} while preparing the flow run (claim, code, environment); the flow did not start"
     )
 
 

@@ -59,3 +59,13 @@ def leaky(seconds: float = 0) -> None:
     except RuntimeError:
         get_run_logger().exception("caught")
     time.sleep(seconds)
+
+
+def _note_cancel(flow, flow_run, state) -> None:
+    Path(flow_run.parameters["marker"]).write_text(f"on_cancellation ran in {state.type.value}")
+
+
+@flow(on_cancellation=[_note_cancel])
+def cancellable(pid_file: str, marker: str, seconds: float = 120) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
