@@ -274,11 +274,12 @@ def _conclude(
 
     message = error["message"] if error else ended.describe()
     code = ExitCode(error["exit_code"]) if error else ExitCode.CRASHED
+    outcome = "crashed"
     if ended.cancelled:
         # The flow's engine moves a cancelled run on itself (and runs its on_cancellation
         # hooks); a worker stopped before or without that leaves the guard to do it.
         message = f"cancelled; the flow's engine did not finish the cancel ({message})"
-        code = ExitCode.FLOW_FAILED
+        code, outcome = ExitCode.FLOW_FAILED, "cancelled"
     try:
         from runner.prefect_api import PrefectApi
 
@@ -291,12 +292,12 @@ def _conclude(
                 return exit_code_for_state(state.type.value)
             if ended.cancelled:
                 api.cancel(message)
-                log.info("flow run %s Cancelled: %s", flow_run_id, message)
+                log.info("flow run %s cancelled: %s", flow_run_id, message)
                 return code
             api.crash(message)
     except Exception as exc:  # the API is the last thing that can fail; still tear down
-        log.error("could not report the crash to Prefect: %s", exc)
-    log.error("flow run %s crashed: %s", flow_run_id, message)
+        log.error("could not report to Prefect that the run %s: %s", outcome, exc)
+    log.error("flow run %s %s: %s", flow_run_id, outcome, message)
     return code
 
 

@@ -36,6 +36,7 @@ from runner.storage import redact
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import State
 
 log = logging.getLogger("runner")
 
@@ -111,19 +112,16 @@ class PrefectApi:
         """Mark the run Crashed with ``message`` and say so in its logs. Forced: the
         worker that would have moved it on is gone, and orchestration rules must not
         keep the run Pending or Running for ever. Callers check it is not final."""
-        with self._http_errors("reporting the crash"):
-            self._client.set_flow_run_state(
-                self.flow_run_id, Crashed(message=mask(message)), force=True
-            )
-            self.log(message, level=logging.ERROR)
+        self._force(Crashed(message=mask(message)), message, "the crash", level=logging.ERROR)
 
     def cancel(self, message: str) -> None:
         """Mark the run Cancelled (forced, as ``crash``) and say so in its logs."""
-        with self._http_errors("reporting the cancel"):
-            self._client.set_flow_run_state(
-                self.flow_run_id, Cancelled(message=mask(message)), force=True
-            )
-            self.log(message)
+        self._force(Cancelled(message=mask(message)), message, "the cancel", level=logging.INFO)
+
+    def _force(self, state: State, message: str, what: str, *, level: int) -> None:
+        with self._http_errors(f"reporting {what}"):
+            self._client.set_flow_run_state(self.flow_run_id, state, force=True)
+            self.log(message, level=level)
 
     def log(self, message: str, *, level: int = logging.INFO) -> None:
         """Write one line to the flow run's logs in Prefect."""
