@@ -32,6 +32,7 @@ bench: install
 	$(PY) -m bench.pull
 	$(PY) -m bench.env
 	$(PY) -m bench.overhead
+	$(PY) -m bench.lifecycle
 
 lint: install
 	$(VENV)/bin/ruff check runner tests bench devtools examples

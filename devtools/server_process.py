@@ -9,6 +9,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -64,7 +66,8 @@ class ServerProcess:
         return self
 
     def start(self) -> None:
-        with open(self.log_path, "wb") as log:
+        # Appended to: a restarted server keeps the log of its earlier life.
+        with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self.command(),
                 env=self._server_env(),
@@ -116,6 +119,16 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+    @contextmanager
+    def down(self) -> Iterator[None]:
+        """``with server.down(): ...``: the server is stopped inside the block and started
+        again after it, on the same port with the same data (an outage, for a test)."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
 
     def __exit__(
         self,

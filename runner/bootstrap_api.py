@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import socket
 import time
 import uuid
 from datetime import datetime, timezone
@@ -30,6 +31,9 @@ log = logging.getLogger("runner")
 _RETRY_STATUSES = {429, 502, 503, 504}
 _FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 _NOT_AGAIN = _FINAL | {"RUNNING", "PAUSED", "CANCELLING"}
+# The message of the Pending state a runner's claim sets: another runner given the same
+# run (a duplicate delivery, a VM that rebooted) sees it and does not execute the run.
+CLAIM_MESSAGE = "claimed by prefect-vm-runner"
 
 
 def connection() -> tuple[str, dict[str, str]]:
@@ -116,11 +120,18 @@ class BootstrapApi:
 
     def claim(self) -> dict[str, Any]:
         """Make the run this runner's: propose Pending, as Prefect workers do (the server
-        refuses it for a run that is already Pending, Running or final). A run that is
-        already Pending was handed over by the Prefect worker that started this process
-        (workers propose Pending before they start their command): it is taken as is."""
+        refuses it for a run that is already Pending, Running or final, so of two runners
+        racing for a Scheduled run one wins). A run that is already Pending was handed
+        over by the Prefect worker that started this process (workers propose Pending
+        before they start their command): it is taken as is, unless a runner claimed it."""
         flow_run = self.read_flow_run()
         state = flow_run.get("state") or {}
+        if state.get("type") == "PENDING" and (state.get("message") or "").startswith(
+            CLAIM_MESSAGE
+        ):
+            raise NotExecuted(
+                f"flow run {self.flow_run_id} is already {state['message']}; not executing it again"
+            )
         if state.get("type") == "PENDING":
             log.info(
                 "flow run %s is Pending (submitted by a Prefect worker); taking it",
@@ -132,7 +143,8 @@ class BootstrapApi:
                 f"flow run {self.flow_run_id} is already {state.get('name') or state['type']}; "
                 "not executing it again"
             )
-        body = {"state": {"type": "PENDING", "name": "Pending"}, "force": False}
+        claim = f"{CLAIM_MESSAGE} on {socket.gethostname()} (pid {os.getpid()})"
+        body = {"state": {"type": "PENDING", "name": "Pending", "message": claim}, "force": False}
         response = self._request(
             "POST",
             f"flow_runs/{self.flow_run_id}/set_state",
@@ -147,6 +159,32 @@ class BootstrapApi:
             raise NotExecuted(f"flow run {self.flow_run_id} could not be claimed: {reason}")
         flow_run["state"] = result["state"]
         return flow_run
+
+    def reschedule(self, message: str) -> bool:
+        """Propose AwaitingRetry, as Prefect's own supervisor does on SIGTERM: the run is
+        Scheduled again, for another machine. True when the server accepted it. A run
+        stopped while Running gets one more retry, so that the preemption does not spend
+        one of the flow's own (the server counts each entry into Running against them).
+        Idempotent: a run that is Scheduled already counts as rescheduled."""
+        before = self.read_flow_run()
+        if (before.get("state") or {}).get("type") == "SCHEDULED":
+            return True
+        now = datetime.now(timezone.utc).isoformat()
+        state = {"type": "SCHEDULED", "name": "AwaitingRetry", "message": mask(message)}
+        body = {"state": {**state, "state_details": {"scheduled_time": now}}, "force": False}
+        path = f"flow_runs/{self.flow_run_id}"
+        response = self._request("POST", f"{path}/set_state", "rescheduling", json=body)
+        self._check(response, "rescheduling the run")
+        if response.json().get("status") != "ACCEPT":
+            return False
+        policy = before.get("empirical_policy") or {}
+        if (before.get("state") or {}).get("type") == "RUNNING" and policy.get(
+            "retries"
+        ) is not None:
+            patch = {"empirical_policy": {**policy, "retries": policy["retries"] + 1}}
+            self._check(self._request("PATCH", path, "rescheduling", json=patch), "rescheduling")
+        self.log([(logging.WARNING, message, datetime.now(timezone.utc))])
+        return True
 
     def read_deployment(self, deployment_id: str) -> dict[str, Any]:
         response = self._request("GET", f"deployments/{deployment_id}", "reading the deployment")

@@ -274,6 +274,8 @@ def _add_settings_flags(
         kwargs: dict[str, typing.Any] = {"dest": name, "default": None}
         if typing.get_origin(field.annotation) is typing.Literal:
             kwargs["choices"] = typing.get_args(field.annotation)
+        elif field.annotation is bool:  # a switch: --keep-workdir / --no-keep-workdir
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = name.split("_")[-1].upper()
         default = field.default if field.default is not None else "unset"
@@ -283,12 +285,12 @@ def _add_settings_flags(
 
 def _exit_code_table() -> str:
     meanings: dict[ExitCode, str] = {
-        ExitCode.COMPLETED: "the flow run Completed",
+        ExitCode.COMPLETED: "the flow run Completed, or was preempted and rescheduled",
         ExitCode.FLOW_FAILED: "the flow ran and ended Failed, or the run was cancelled",
         ExitCode.CONFIG_ERROR: "usage or configuration error (bad flag, id, missing run)",
         ExitCode.BOOTSTRAP_ERROR: "infrastructure error before the flow ran (API, code)",
-        ExitCode.NOT_EXECUTED: "not executed: run already running or final, or claim refused",
-        ExitCode.CRASHED: "crashed: the worker died or the run ended Crashed",
+        ExitCode.NOT_EXECUTED: "not executed: run already claimed, running or final",
+        ExitCode.CRASHED: "crashed: the worker died, max runtime, or the run ended Crashed",
     }
     rows = "\n".join(f"  {int(code)}  {text}" for code, text in meanings.items())
     return f"exit codes:\n{rows}"

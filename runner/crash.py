@@ -16,15 +16,24 @@ _OOM_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
+class Stop:
+    """Why the guard stopped the worker: ``reason`` is cancel, preemption, max-runtime or
+    interrupt; ``detail`` says by what, for people ("SIGTERM", "the cancel request",
+    "AWS spot interruption notice: terminate at ...")."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class WorkerExit:
     """What the guard observed when the worker ended."""
 
     status: int  # raw wait status
     peak_rss_bytes: int
-    forwarded: tuple[str, ...] = ()  # signals the guard passed on to the worker
+    stop: Stop | None = None  # set when the guard asked the worker to stop
     killed_by_guard: bool = False  # the grace period ran out and the guard sent SIGKILL
     oom_kills: int = 0  # OOM kills recorded in this cgroup while the worker ran
-    cancelled: bool = False  # the run was Cancelling and the guard stopped the worker
     memory_limit_bytes: int = field(default_factory=lambda: memory_limit())
 
     @property
@@ -48,13 +57,13 @@ class WorkerExit:
 
     def describe(self) -> str:
         """One line for the Crashed state message and the journal."""
+        asked = self.stop.detail if self.stop else ""
         if self.killed_by_guard:
-            asked = ", ".join(self.forwarded) or "the cancel request"
             how = f"worker did not stop after {asked} and was killed (SIGKILL)"
         elif self.signal_name:
             how = f"worker process was killed by {self.signal_name}"
-            if self.forwarded:
-                how += f" (forwarded by the guard: {', '.join(self.forwarded)})"
+            if asked:
+                how += f" (stopped by the guard after {asked})"
         else:
             how = f"worker process exited with code {self.exit_code} before reporting a final state"
         peak, limit = human_bytes(self.peak_rss_bytes), human_bytes(self.memory_limit_bytes)

@@ -24,8 +24,9 @@ guard and the CLI only ever see this tree::
     └── NotExecuted                  exit 4  run already claimed, running or final
 
 Outcomes that are not exceptions but still have a code: the flow ran and
-Completed (0), the flow ran and ended Failed or Cancelled (1), the worker died
-or the run ended Crashed (5).
+Completed, or it was preempted and rescheduled (0); the flow ran and ended
+Failed or Cancelled (1); the worker died, ran past --max-runtime, or the run
+ended Crashed (5).
 """
 
 from __future__ import annotations

@@ -10,18 +10,18 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import selectors
 import signal
-import socket
 import sys
 import time
 import uuid
 from contextlib import suppress
+from dataclasses import dataclass, replace
+from typing import Any
 
-from runner import worker
+from runner import logs, redaction, worker
 from runner.bootstrap_api import connection
-from runner.cancellation import CancelWatch
 from runner.channel import Inbox, Sender
+from runner.cleanup import clean_up
 from runner.crash import WorkerExit, oom_kill_count
 from runner.errors import (
     BootstrapError,
@@ -32,24 +32,21 @@ from runner.errors import (
     internal_error_line,
 )
 from runner.settings import Settings
+from runner.supervisor import FORWARDED, REPORT_API_WAIT, Supervisor, reschedule
 from runner.telemetry.reporter import RunTelemetry
 from runner.telemetry.sender import EventSender
 from runner.telemetry.summary import ARTIFACT_KEY
+from runner.vm import user_data
 from runner.vm.metadata import Detection
 from runner.vm.prices import hourly_price
 from runner.vm.teardown import Teardown
 
 log = logging.getLogger("runner")
 
-_FORWARDED = (signal.SIGTERM, signal.SIGINT)
-# How long the guard waits for the API when it reports the outcome: the run is
-# over, so a short wait; a long one would keep a dead VM billing.
-_REPORT_API_WAIT = 30.0
-
 
 class _Signals:
-    """SIGTERM/SIGINT never kill the guard: it notes them (and, while the worker
-    lives, forwards them: see _supervise), then finishes its report and teardown."""
+    """SIGTERM/SIGINT never kill the guard: it notes them (and, while the worker lives,
+    stops it: see supervisor.py), then finishes its report and teardown."""
 
     def __init__(self) -> None:
         self.received: list[str] = []
@@ -57,25 +54,46 @@ class _Signals:
     def note(self, signum: int, _frame: object) -> None:
         self.received.append(signal.Signals(signum).name)
 
+    def first(self) -> str | None:
+        return self.received[0] if self.received else None
+
 
 def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
     """Execute the configured flow run and return its exit code; the error line is
     logged before the teardown, which runs once whatever happens."""
-    teardown = teardown or Teardown(settings)
-    exit_code = ExitCode.BOOTSTRAP_ERROR
+    started = time.monotonic()
     signals = _Signals()
+    previous = {sig: signal.signal(sig, signals.note) for sig in FORWARDED}
+    try:
+        try:
+            settings = user_data.settle(settings, stopped=signals.first)
+        except RunnerError as exc:  # no run to report on: say why, and tear down
+            log.error("%s", exc)
+            (teardown or Teardown(settings))(exit_code=int(exc.exit_code))
+            return exc.exit_code
+        redaction.watch(settings.secret_env)  # user-data may have brought more secrets
+        return _run(settings, signals, teardown or Teardown(settings), started)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # if a failed fork left them
+
+
+def _run(settings: Settings, signals: _Signals, teardown: Teardown, started: float) -> ExitCode:
+    exit_code = ExitCode.BOOTSTRAP_ERROR
     sender = EventSender()
     telemetry = RunTelemetry(
-        started=time.monotonic(),
+        started=started,
         heartbeat_seconds=settings.heartbeat_seconds,
         metrics_seconds=settings.metrics_seconds,
         emit=sender.send,
     )
-    previous = {sig: signal.signal(sig, signals.note) for sig in _FORWARDED}
+    deadline = started + settings.max_runtime if settings.max_runtime else None
     try:
         flow_run_id = settings.run_id()
+        logs.capture(settings.workdir / "logs" / f"{flow_run_id}.{os.getpid()}.log")
         connection()  # fail on a missing API URL here, before a worker exists
-        exit_code = _fork_and_supervise(settings, flow_run_id, signals, telemetry)
+        exit_code = _fork_and_supervise(settings, flow_run_id, signals, telemetry, deadline)
     except RunnerError as exc:
         log.error("%s", exc)
         exit_code = exc.exit_code
@@ -91,25 +109,27 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
             sender.close()
         except Exception as exc:
             log.error("could not finish reporting to Prefect: %s", exc)
+        clean_up(settings, claimed=telemetry.claimed)
         teardown(exit_code=int(exit_code))
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # if a failed fork left them
     return exit_code
 
 
 def _fork_and_supervise(
-    settings: Settings, flow_run_id: uuid.UUID, signals: _Signals, telemetry: RunTelemetry
+    settings: Settings,
+    flow_run_id: uuid.UUID,
+    signals: _Signals,
+    telemetry: RunTelemetry,
+    deadline: float | None,
 ) -> ExitCode:
-    if signals.received:
+    if signal_name := signals.first():
         raise BootstrapError(
-            f"stopped by {signals.received[0]} before the flow run was started; not executed"
+            f"stopped by {signal_name} before the flow run was started; not executed"
         )
     inbox_fd, sender_fd = os.pipe()
     os.set_blocking(inbox_fd, False)
     # Block the forwarded signals across the fork so that neither process can be
     # stopped by one before it has its own handling in place.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     sys.stdout.flush()
     sys.stderr.flush()
     oom_before = oom_kill_count()
@@ -129,11 +149,11 @@ def _fork_and_supervise(
             # turns them into a Crashed state while the flow runs).
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             code = worker.run(settings, flow_run_id, Sender(sender_fd))
         finally:
             # Nothing may interrupt the way out, or the child would unwind into the guard.
-            signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             with suppress(BaseException):
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -148,7 +168,9 @@ def _fork_and_supervise(
         detection = Detection(cloud=settings.cloud, urls=settings.metadata_urls())
         detection.start()
         telemetry.machine = detection.result
-        ended = _supervise(pid, inbox, settings, oom_before, telemetry)
+        ended = Supervisor(
+            pid, inbox, settings, telemetry, oom_before=oom_before, deadline=deadline
+        ).run()
     except BaseException:
         # The guard cannot watch the worker any more: never leave it running unwatched.
         with suppress(ProcessLookupError):
@@ -159,104 +181,15 @@ def _fork_and_supervise(
     finally:
         os.close(inbox_fd)
     _remove_orphan_container(inbox, ended)
-    return _conclude(settings, flow_run_id, inbox, ended)
-
-
-def _supervise(
-    pid: int, inbox: Inbox, settings: Settings, oom_before: int, telemetry: RunTelemetry
-) -> WorkerExit:
-    """Wait for the worker while reading its messages and forwarding SIGTERM/SIGINT."""
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
-
-    pidfd = os.pidfd_open(pid)
-    selector = selectors.DefaultSelector()
-    selector.register(pidfd, selectors.EVENT_READ, "exited")
-    selector.register(inbox.fd, selectors.EVENT_READ, "inbox")
-    selector.register(wake_r, selectors.EVENT_READ, "signal")
-    # The cancel watch's threads wake this loop through a socket, never by a call into it.
-    cancel_r, cancel_w = socket.socketpair()
-    cancel_r.setblocking(False)
-    selector.register(cancel_r, selectors.EVENT_READ, "cancel")
-    watch: CancelWatch | None = None
-    cancelled = False
-    forwarded: list[str] = []
-    kill_at: float | None = None
-    killed = False
-    seen = 0  # messages already passed on to the telemetry
-    try:
-        while True:
-            timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
-            for key, _ in selector.select(timeout):
-                if key.data == "inbox":
-                    if not inbox.drain():
-                        selector.unregister(inbox.fd)
-                    for message in inbox.messages[seen:]:
-                        telemetry.on_message(message)
-                    seen = len(inbox.messages)
-                    if watch is None and inbox.last("claimed") is not None:
-                        watch = CancelWatch(
-                            settings.run_id(),
-                            poll_seconds=settings.cancel_poll_seconds,
-                            on_cancel=lambda: cancel_w.send(b"c"),
-                        )
-                        watch.start()
-                elif key.data == "cancel":
-                    cancel_r.recv(64)
-                    if not cancelled:
-                        cancelled = True
-                        log.info("stopping the worker for the cancel (SIGUSR1)")
-                        with suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGUSR1)
-                        kill_at = kill_at or time.monotonic() + settings.cancel_grace_seconds
-                elif key.data == "signal":
-                    for signum in wake_r.recv(64):
-                        name = signal.Signals(signum).name
-                        log.info("guard received %s; forwarding it to the worker", name)
-                        forwarded.append(name)
-                        with suppress(ProcessLookupError):
-                            os.kill(pid, signum)
-                        kill_at = kill_at or time.monotonic() + settings.cancel_grace_seconds
-                elif key.data == "exited":
-                    inbox.drain()
-                    for message in inbox.messages[seen:]:
-                        telemetry.on_message(message)
-                    _, status, usage = os.wait4(pid, 0)
-                    return WorkerExit(
-                        status=status,
-                        peak_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
-                        forwarded=tuple(forwarded),
-                        killed_by_guard=killed,
-                        oom_kills=oom_kill_count() - oom_before,
-                        cancelled=cancelled,
-                    )
-            if kill_at is not None and not killed and time.monotonic() >= kill_at:
-                log.warning(
-                    "worker still running %gs after %s; killing it",
-                    settings.cancel_grace_seconds,
-                    forwarded[-1] if forwarded else "the cancel request",
-                )
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                killed = True
-                kill_at = None
-    finally:
-        if watch is not None:
-            watch.stop()
-        selector.close()
-        cancel_r.close()
-        cancel_w.close()
-        os.close(pidfd)
-        signal.set_wakeup_fd(previous_wakeup)
-        wake_r.close()
-        wake_w.close()
+    return _conclude(settings, flow_run_id, inbox, ended, telemetry)
 
 
 def _conclude(
-    settings: Settings, flow_run_id: uuid.UUID, inbox: Inbox, ended: WorkerExit
+    settings: Settings,
+    flow_run_id: uuid.UUID,
+    inbox: Inbox,
+    ended: WorkerExit,
+    telemetry: RunTelemetry,
 ) -> ExitCode:
     """Turn what the worker said and how it ended into the exit code, making sure a
     run this runner claimed does not stay Pending or Running in Prefect."""
@@ -272,33 +205,82 @@ def _conclude(
         log.error("flow run %s not claimed: %s", flow_run_id, ended.describe())
         return ExitCode.CRASHED
 
-    message = error["message"] if error else ended.describe()
-    code = ExitCode(error["exit_code"]) if error else ExitCode.CRASHED
-    outcome = "crashed"
-    if ended.cancelled:
-        # The flow's engine moves a cancelled run on itself (and runs its on_cancellation
-        # hooks); a worker stopped before or without that leaves the guard to do it.
-        message = f"cancelled; the flow's engine did not finish the cancel ({message})"
-        code, outcome = ExitCode.FLOW_FAILED, "cancelled"
+    ending = _Ending.of(settings, ended, error)
+    rescheduled = False
+    if ending.outcome == "rescheduled":
+        # Done already as the stop began (Supervisor._ask), unless the API failed then or
+        # the engine moved the run on before it learned of the stop: make sure it held.
+        rescheduled = reschedule(settings, ending.message)
+        if not rescheduled:
+            ending = ending.refused()
+    if ending.outcome != "rescheduled":
+        ending = _report(settings, flow_run_id, ending)
+    if ended.stop is not None and ended.stop.reason == "preemption":
+        telemetry.event(
+            "runner.preempted",
+            reason=ended.stop.detail,
+            policy=settings.on_preemption,
+            rescheduled=rescheduled,
+        )
+    failed = ending.outcome == "crashed" or ending.code == ExitCode.CRASHED
+    level = logging.ERROR if failed else logging.WARNING
+    log.log(level, "flow run %s %s: %s", flow_run_id, ending.outcome, ending.message)
+    return ending.code
+
+
+def _report(settings: Settings, flow_run_id: uuid.UUID, ending: _Ending) -> _Ending:
+    """Move the run to Cancelled or Crashed, unless it reached a final state already."""
     try:
         from runner.prefect_api import PrefectApi
 
         with PrefectApi.connect(
-            flow_run_id, api_wait=min(settings.api_wait, _REPORT_API_WAIT)
+            flow_run_id, api_wait=min(settings.api_wait, REPORT_API_WAIT)
         ) as api:
             state = api.read_flow_run().state
-            if state is not None and state.is_final():
-                log.info("flow run %s ended %s: %s", flow_run_id, state.name, state.message or "")
-                return exit_code_for_state(state.type.value)
-            if ended.cancelled:
-                api.cancel(message)
-                log.info("flow run %s cancelled: %s", flow_run_id, message)
-                return code
-            api.crash(message)
+            if state is not None and state.is_final():  # the engine, or a zombie detector
+                code = exit_code_for_state(state.type.value)
+                return _Ending(f"ended {state.name}", state.message or "", code)
+            if ending.outcome == "cancelled":
+                api.cancel(ending.message)
+            else:
+                api.crash(ending.message)
     except Exception as exc:  # the API is the last thing that can fail; still tear down
-        log.error("could not report to Prefect that the run %s: %s", outcome, exc)
-    log.error("flow run %s %s: %s", flow_run_id, outcome, message)
-    return code
+        log.error("could not report to Prefect that the run %s: %s", ending.outcome, exc)
+    return ending
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """How the guard ends a claimed run whose flow did not report a final state."""
+
+    outcome: str  # cancelled | rescheduled | crashed (proposed by the guard) | ended <state>
+    message: str
+    code: ExitCode
+
+    @classmethod
+    def of(cls, settings: Settings, ended: WorkerExit, error: dict[str, Any] | None) -> _Ending:
+        why = error["message"] if error else ended.describe()
+        stop = ended.stop
+        if stop is None or stop.reason == "interrupt":
+            return cls("crashed", why, ExitCode(error["exit_code"]) if error else ExitCode.CRASHED)
+        if stop.reason == "cancel":
+            # The flow's engine moves a cancelled run on itself (and runs its
+            # on_cancellation hooks); a worker stopped before or without that leaves it here.
+            message = f"cancelled; the flow's engine did not finish the cancel ({why})"
+            return cls("cancelled", message, ExitCode.FLOW_FAILED)
+        killed = f"; {ended.describe()}" if ended.killed_by_guard else ""
+        if stop.reason == "max-runtime":
+            return cls("crashed", f"{stop.detail}{killed}", ExitCode.CRASHED)
+        if settings.on_preemption == "reschedule":
+            # Exit 0, as `prefect flow-run execute` does: a Prefect worker that sees a
+            # non-zero exit would propose Crashed over the rescheduled run.
+            return cls("rescheduled", f"preempted ({stop.detail}){killed}", ExitCode.COMPLETED)
+        return cls("crashed", f"preempted ({stop.detail}){killed}", ExitCode.CRASHED)
+
+    def refused(self) -> _Ending:
+        """The server would not reschedule the run: it crashes instead."""
+        message = f"{self.message}; the server refused to reschedule it"
+        return replace(self, outcome="crashed", message=message, code=ExitCode.CRASHED)
 
 
 def _remove_orphan_container(inbox: Inbox, ended: WorkerExit) -> None:

@@ -143,6 +143,35 @@ def emit(**event: Any) -> None:
     emit_event(**event)
 
 
+# Prefect's observers that follow a run over its events websocket, and reconnect by themselves.
+_OBSERVERS = ("prefect.FlowRunSuspendingObserver", "prefect.FlowRunCancellingObserver")
+
+
+def quiet_reconnects() -> None:
+    """Keep the one line, not the traceback, that Prefect logs when the API drops its
+    events websocket (a restart, a network blip): the observer falls back to polling and
+    reconnects by itself, and a journal full of tracebacks hides the errors that matter."""
+    for name in _OBSERVERS:
+        logger = logging.getLogger(name)
+        if _dropped_socket_line not in logger.filters:
+            logger.addFilter(_dropped_socket_line)
+
+
+def _dropped_socket_line(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.levelno <= logging.WARNING and isinstance(exc, (OSError, _ws_closed())):
+        detail = f"{type(exc).__name__}: {exc}".replace("%", "%%")  # msg is a %-format
+        record.msg = f"{record.msg} ({detail})"
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def _ws_closed() -> type[Exception]:
+    from websockets.exceptions import ConnectionClosed
+
+    return ConnectionClosed
+
+
 def flush_prefect(timeout: float = 30.0) -> None:
     """Send the logs and events still queued in this process, before it exits or tears down."""
     from prefect.events.worker import EventsWorker

@@ -85,10 +85,12 @@ class Settings(BaseSettings):
     max_bundle_files: int = Field(
         default=200_000, gt=0, description="Most members a code bundle may have."
     )
-    on_exit: Literal["none", "command"] = Field(
+    on_exit: Literal["none", "poweroff", "command"] = Field(
         default="none",
-        description="What to do once the run is over, whatever its outcome: 'none', or "
-        "'command' to run --on-exit-command (exactly once, after logs are flushed).",
+        description="What to do once the run is over, whatever its outcome (exactly once, "
+        "after logs and events are flushed and the summary is written): 'none'; 'poweroff' "
+        "the machine (systemctl poweroff, else shutdown -h now; what the VM images use); or "
+        "'command' to run --on-exit-command.",
     )
     on_exit_command: str | None = Field(
         default=None,
@@ -97,6 +99,51 @@ class Settings(BaseSettings):
     )
     on_exit_timeout: float = Field(
         default=120.0, gt=0, description="Seconds the exit command may run before it is killed."
+    )
+    keep_workdir: bool = Field(
+        default=False,
+        description="Keep the run's directory (<workdir>/runs/<flow-run-id>: its code and "
+        "stage file) and the runner's log file (<workdir>/logs) after the run; by default "
+        "they are removed before the teardown. The caches under <workdir>/cache always stay.",
+    )
+    log_url: str | None = Field(
+        default=None,
+        description="Bucket URL (s3://, gs://, az://, file://...) to upload the runner's own "
+        "log to at the end, as <log-url>/<flow-run-id>/<host>-<pid>.log; unset: the log goes "
+        "to stderr (the journal) only.",
+    )
+    user_data_file: Path | None = Field(
+        default=None,
+        description="KEY=VALUE file written from the VM's user-data (RUNNER_* and PREFECT_* "
+        "variables), read below the environment; when no flow run id is known yet the runner "
+        "waits up to --claim-timeout for the file to name one.",
+    )
+    claim_timeout: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds to wait for a flow run id to arrive in --user-data-file before "
+        "giving up (exit code 2) and tearing down.",
+    )
+    max_runtime: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds from the runner's start after which the worker is stopped and "
+        "the run ends Crashed ('exceeded max runtime'); unset: no limit.",
+    )
+    on_preemption: Literal["reschedule", "crash"] = Field(
+        default="reschedule",
+        description="What a preemption does to the run (SIGTERM to the runner, as cloud "
+        "shutdowns and `docker stop` send, or a spot notice from the instance metadata): "
+        "'reschedule' stops the flow and proposes AwaitingRetry, so the run is Scheduled "
+        "again for another machine without spending the flow's own retries; 'crash' ends "
+        "it Crashed.",
+    )
+    spot_poll_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds between polls of the cloud's instance metadata for a spot "
+        "preemption notice (AWS spot/instance-action, GCE instance/preempted, Azure "
+        "Scheduled Events Preempt); 0 turns it off. Only on a cloud machine (see --cloud).",
     )
     api_wait: float = Field(
         default=60.0,
@@ -107,8 +154,8 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = Field(
         default=30.0,
         ge=0,
-        description="Seconds the worker gets to stop after SIGTERM/SIGINT is forwarded to it, "
-        "before it is killed with SIGKILL.",
+        description="Seconds the worker gets to stop (after a cancel, a preemption, "
+        "--max-runtime or a forwarded SIGINT) before it is killed with SIGKILL.",
     )
     cancel_poll_seconds: float = Field(
         default=10.0,

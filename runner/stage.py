@@ -37,6 +37,7 @@ class Stage:
     run_dir: str
     log_level: str
     channel_fd: int  # -1: no guard to tell (a container without a passed descriptor)
+    log_file: str | None = None  # the run's log file, which the runner's lines also go to
 
     def write(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds run data
@@ -59,6 +60,8 @@ def main(stage_file: str) -> int:
         log.error("cannot read the flow stage file %s: %s", stage_file, exc)
         return int(ExitCode.BOOTSTRAP_ERROR)
     logs.configure(stage.log_level)
+    if stage.log_file:
+        logs.capture(Path(stage.log_file))
     channel = Sender(stage.channel_fd)
     return reporting(channel, lambda: run(stage, channel))
 
@@ -88,33 +91,45 @@ def reporting(channel: Sender, body: Callable[[], int]) -> int:
             flush_prefect()
 
 
-def _cancel(_signum: int, _frame: object) -> None:
-    """SIGUSR1 from the guard: the run is Cancelling. Stop the flow as Prefect's own runner
-    does: the engine is told the SIGTERM that follows is a cancel, so it runs the flow's
-    on_cancellation hooks and ends the run Cancelled (not Crashed)."""
+def _stop_with_intent(signum: int, _frame: object) -> None:
+    """SIGUSR1 (the run is Cancelling) or SIGUSR2 (preempted, or past --max-runtime) from
+    the guard: stop the flow as Prefect's own supervisor does. The engine is told what the
+    SIGTERM that follows means: for a cancel it runs the flow's on_cancellation hooks and
+    ends the run Cancelled; for "relinquish" it stops without proposing a state, because
+    the guard proposes the next one (AwaitingRetry, or Crashed with the reason)."""
+    intent = "cancel" if signum == signal.SIGUSR1 else "relinquish"
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
-        # What Prefect's runner delivers over its control channel before its SIGTERM
+        # What Prefect's supervisor delivers over its control channel before its SIGTERM
         # (prefect.runner._control_channel); private, hence the pin on prefect<3.10.
         from prefect._internal import control_listener
 
-        control_listener._set_intent("cancel")
-    except (ImportError, AttributeError):  # the guard still ends the run Cancelled
-        log.warning("this Prefect cannot be told of a cancel: on_cancellation hooks won't run")
+        control_listener._set_intent(intent)
+    except (ImportError, AttributeError):  # the guard still ends the run as it should
+        log.warning("this Prefect cannot be told why it is stopped: hooks may not run")
     signal.raise_signal(signal.SIGTERM)
 
 
 def run(stage: Stage, channel: Sender) -> int:
     """Import Prefect, load the flow from the placed code, and run it through the engine."""
-    signal.signal(signal.SIGUSR1, _cancel)
+    # Ride out a Prefect API outage: the engine's states and the flow's log batches are
+    # retried by Prefect's client with a doubling backoff (2, 4, 8... s). Its default 5
+    # retries last about a minute, after which a finished flow would end Crashed and
+    # logs be dropped; 7 last about four. Read when Prefect is imported, just below.
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "7")
+    signal.signal(signal.SIGUSR1, _stop_with_intent)
+    signal.signal(signal.SIGUSR2, _stop_with_intent)
     from prefect.client.schemas.objects import FlowRun
     from prefect.client.schemas.responses import DeploymentResponse
     from prefect.logging.loggers import flow_run_logger
 
     from runner.execute import load_flow_code, run_in_process
+    from runner.prefect_api import quiet_reconnects
     from runner.redaction import mask_all_handlers
 
     mask_all_handlers()  # Prefect's logging is configured by now
+    quiet_reconnects()
     started = time.monotonic()
     flow_run = FlowRun.model_validate(stage.flow_run)
     deployment = DeploymentResponse.model_validate(stage.deployment)

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from runner import __version__, code
+from runner import __version__, code, logs
 from runner.bootstrap_api import BootstrapApi, RunLog, prefect_environment, run_resources
 from runner.channel import Sender
 from runner.errors import BootstrapError, CodeLoadError, EnvBuildError
@@ -47,12 +47,15 @@ def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
     # on any exception) instead of writing on into a directory the next runner removes.
     signal.signal(signal.SIGTERM, _stopped)
     signal.signal(signal.SIGUSR1, _stopped)  # the guard's cancel; the stage takes it over
+    signal.signal(signal.SIGUSR2, _stopped)  # preempted or past --max-runtime: the same
     return reporting(channel, lambda: _bootstrap(settings, flow_run_id, channel))
 
 
 def _stopped(signum: int, _frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one is not caught
-    why = "cancelled" if signum == signal.SIGUSR1 else f"stopped by {signal.Signals(signum).name}"
+    why = {signal.SIGUSR1: "cancelled", signal.SIGUSR2: "stopped by the guard"}.get(
+        signum, f"stopped by {signal.Signals(signum).name}"
+    )
     raise BootstrapError(
         f"{why} while preparing the flow run (claim, code, environment); the flow did not start"
     )
@@ -104,6 +107,7 @@ def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> i
                 ],
                 run_dir=str(run_dir),
                 log_level=settings.log_level,
+                log_file=str(path) if (path := logs.captured()) else None,
                 channel_fd=channel.fd,
             )
             switch = _environment(settings, flow_run, code_dir, stage, run_log, channel)

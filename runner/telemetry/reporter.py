@@ -97,11 +97,20 @@ class RunTelemetry:
             price=price,
         )
 
+    @property
+    def claimed(self) -> bool:
+        """Whether the worker claimed the run (so this runner owns its directory)."""
+        return self._resource is not None
+
     def phase(self, name: str, **payload: Any) -> None:
+        self.event(f"runner.phase.{name}", **payload)
+
+    def event(self, name: str, **payload: Any) -> None:
+        """Queue one event about the claimed run (none before the claim)."""
         if self._resource is None:
             return
         event = {
-            "event": f"runner.phase.{name}",
+            "event": name,
             # When it happened, not when the sender thread gets to it.
             "occurred": datetime.now(timezone.utc),
             "resource": self._resource,

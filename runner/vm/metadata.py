@@ -76,7 +76,9 @@ def cloud_from_dmi(dmi: Path = DMI) -> str:
     return "none"
 
 
-def _get(url: str, headers: dict[str, str], method: str = "GET") -> str:
+def fetch(url: str, headers: dict[str, str], method: str = "GET") -> str:
+    """The body of one request to a metadata service; raises ``urllib.error.HTTPError``
+    (with its ``code``) for a non-2xx answer and ``OSError`` when there is no answer."""
     request = urllib.request.Request(url, headers=headers, method=method)
     # No proxy: the metadata service is link-local, and a proxy would answer for it.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -84,12 +86,18 @@ def _get(url: str, headers: dict[str, str], method: str = "GET") -> str:
         return response.read().decode()
 
 
+def aws_token(base: str, ttl_seconds: int = 60) -> str:
+    """An IMDSv2 session token, sent as ``X-aws-ec2-metadata-token`` on every GET."""
+    ttl = {"X-aws-ec2-metadata-token-ttl-seconds": str(ttl_seconds)}
+    return fetch(f"{base}/latest/api/token", ttl, "PUT")
+
+
 def _aws(base: str) -> Machine:
-    token = _get(f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, "PUT")
+    token = aws_token(base)
     headers = {"X-aws-ec2-metadata-token": token}
 
     def meta(path: str) -> str:
-        return _get(f"{base}/latest/meta-data/{path}", headers)
+        return fetch(f"{base}/latest/meta-data/{path}", headers)
 
     return Machine(
         cloud="aws",
@@ -104,7 +112,7 @@ def _gcp(base: str) -> Machine:
     headers = {"Metadata-Flavor": "Google"}
 
     def meta(path: str) -> str:
-        return _get(f"{base}/computeMetadata/v1/instance/{path}", headers)
+        return fetch(f"{base}/computeMetadata/v1/instance/{path}", headers)
 
     zone = meta("zone").rsplit("/", 1)[-1]  # projects/123/zones/us-central1-a
     model = meta("scheduling/provisioning-model")  # STANDARD | SPOT
@@ -120,7 +128,7 @@ def _gcp(base: str) -> Machine:
 
 def _azure(base: str) -> Machine:
     document: dict[str, Any] = json.loads(
-        _get(f"{base}/metadata/instance?api-version=2021-02-01", {"Metadata": "true"})
+        fetch(f"{base}/metadata/instance?api-version=2021-02-01", {"Metadata": "true"})
     )
     compute = document["compute"]
     return Machine(

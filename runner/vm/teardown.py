@@ -11,6 +11,9 @@ from runner.settings import Settings
 
 log = logging.getLogger("runner")
 
+# Tried in order until one succeeds.
+POWEROFF_COMMANDS = (["systemctl", "poweroff"], ["shutdown", "-h", "now"])
+
 
 class Teardown:
     """The exit action (``--on-exit``); calling it again is a no-op, so every path
@@ -30,6 +33,23 @@ class Teardown:
         log.info("teardown: on-exit=%s (exit code %d)", action, exit_code)
         if action == "command":
             self._run_command(exit_code)
+        elif action == "poweroff":
+            self._power_off()
+
+    def _power_off(self) -> None:
+        """systemd's poweroff, else SysV's shutdown (a minimal image without systemd)."""
+        for argv in POWEROFF_COMMANDS:
+            try:
+                done = subprocess.run(
+                    argv, timeout=self._settings.on_exit_timeout, check=False, capture_output=True
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.warning("teardown: %s failed: %s", " ".join(argv), exc)
+                continue
+            if done.returncode == 0:
+                return
+            log.warning("teardown: %s failed with code %d", " ".join(argv), done.returncode)
+        log.error("teardown: could not power the machine off; it keeps running (and billing)")
 
     def _run_command(self, exit_code: int) -> None:
         command = self._settings.on_exit_command

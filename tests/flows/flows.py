@@ -69,3 +69,29 @@ def _note_cancel(flow, flow_run, state) -> None:
 def cancellable(pid_file: str, marker: str, seconds: float = 120) -> None:
     Path(pid_file).write_text(str(os.getpid()))
     time.sleep(seconds)
+
+
+@flow
+def numbered_logs(count: int = 20, pause: float = 1.0) -> int:
+    """Logs "line 1".."line COUNT" through the run logger, one every ``pause`` seconds, so a
+    test can tell which lines reached the API."""
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    for k in range(1, count + 1):
+        logger.info("line %d", k)
+        time.sleep(pause)
+    return count
+
+
+@flow(retries=1, persist_result=True)
+def preemptible(pid_file: str, release_file: str, seconds: float = 120) -> int:
+    """Waits (up to ``seconds``) for ``release_file``, so that a test can preempt it, then
+    let its next attempt finish; returns the run's attempt count."""
+    from prefect.runtime import flow_run
+
+    Path(pid_file).write_text(str(os.getpid()))
+    deadline = time.monotonic() + seconds
+    while not Path(release_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return flow_run.run_count

@@ -79,7 +79,7 @@ def test_runner_pulls_the_bundle_and_runs_the_flow(runner, store, flow_run, clie
     url = _push(runner, store).stdout.strip()
     run = flow_run("hello", n=21, path=None, pull_steps=[{STEP: {"url": url}}])
 
-    result = runner.run("--flow-run-id", str(run.id), **store.env)
+    result = runner.run("--flow-run-id", str(run.id), "--keep-workdir", **store.env)
 
     assert result.returncode == 0, result.stderr
     state = client.read_flow_run(run.id).state

@@ -1,12 +1,21 @@
-"""How a run ends whatever happens: cancellation (and, later, preemption and deadlines)."""
+"""How a run ends whatever happens: cancellation, preemption (SIGTERM, spot notices),
+deadlines, duplicate runners; and the teardown, exactly once, after each."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
+import pytest
 from prefect.states import Cancelling
 
-from tests.helpers import pid_alive, wait_for_file
+from devtools.metadata_servers import MetadataServer
+from tests.conftest import Runner
+from tests.helpers import pid_alive, read_events, wait_for_file
+from tests.planted import PREFIX, record
 
 
 def test_cancel_ends_the_run_cancelled_with_its_hooks_run(runner, flow_run, client, tmp_path):
@@ -61,3 +70,204 @@ def test_cancel_during_a_slow_code_pull_stops_the_worker_and_the_guard_cancels(
     assert state.type.value == "CANCELLED", state
     assert "cancelled while preparing the flow run" in state.message
     assert result.teardowns == ["1"]
+
+
+def _preempted_events(server, run_id) -> list[dict]:
+    return read_events(
+        server.api_url, event="runner.preempted", resource_id=f"prefect.flow-run.{run_id}"
+    )
+
+
+def test_sigterm_reschedules_the_run_without_spending_its_retries(
+    runner, flow_run, client, prefect_server, tmp_path
+):
+    pid_file, release = tmp_path / "worker.pid", tmp_path / "release"
+    run = flow_run("preemptible", pid_file=str(pid_file), release_file=str(release))
+    proc = runner.start("--flow-run-id", str(run.id))
+    worker_pid = int(wait_for_file(pid_file))
+
+    proc.send_signal(signal.SIGTERM)
+    result = runner.finish(proc, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.teardowns == ["0"]
+    assert not pid_alive(worker_pid)
+    rescheduled = client.read_flow_run(run.id)
+    assert rescheduled.state.name == "AwaitingRetry", rescheduled.state
+    assert rescheduled.state.message == "preempted (SIGTERM)"
+    assert rescheduled.empirical_policy.retries == 2  # the flow's 1, and 1 for the preemption
+    [event] = _preempted_events(prefect_server, run.id)
+    assert event["payload"]["reason"] == "SIGTERM"
+    assert event["payload"]["rescheduled"] is True
+
+    # Another machine picks it up: Scheduled again, so it can be claimed and completes.
+    release.write_text("go")
+    again = runner.run("--flow-run-id", str(run.id))
+    assert again.returncode == 0, again.stderr
+    state = client.read_flow_run(run.id).state
+    assert state.is_completed() and state.result() == 2  # the second attempt
+    assert again.teardowns == ["0", "0"]  # one per runner process, the same log file
+
+
+def test_sigterm_with_the_crash_policy_crashes_the_run(
+    runner, flow_run, client, prefect_server, tmp_path
+):
+    pid_file = tmp_path / "worker.pid"
+    run = flow_run("sleeper", pid_file=str(pid_file))
+    proc = runner.start("--flow-run-id", str(run.id), "--on-preemption", "crash")
+    worker_pid = int(wait_for_file(pid_file))
+
+    proc.send_signal(signal.SIGTERM)
+    result = runner.finish(proc, timeout=60)
+
+    assert result.returncode == 5, result.stderr
+    assert result.teardowns == ["5"]
+    assert not pid_alive(worker_pid)
+    state = client.read_flow_run(run.id).state
+    assert state.is_crashed() and state.message == "preempted (SIGTERM)", state
+    [event] = _preempted_events(prefect_server, run.id)
+    assert event["payload"]["rescheduled"] is False
+    assert event["payload"]["policy"] == "crash"
+
+
+@pytest.mark.parametrize(
+    ("cloud", "says"),
+    [("aws", "AWS spot"), ("gcp", "GCE"), ("azure", "Azure Scheduled Event Preempt")],
+)
+def test_spot_notice_on_each_clouds_protocol_reschedules_the_run(
+    runner, flow_run, client, prefect_server, tmp_path, cloud, says
+):
+    pid_file, release = tmp_path / "worker.pid", tmp_path / "release"
+    run = flow_run("preemptible", pid_file=str(pid_file), release_file=str(release))
+    with MetadataServer() as imds:
+        proc = runner.start(
+            "--flow-run-id", str(run.id), "--cloud", cloud, f"--{cloud}-metadata-url", imds.url,
+            "--spot-poll-seconds", "0.2",
+        )  # fmt: skip
+        worker_pid = int(wait_for_file(pid_file))
+        imds.preempt(cloud)
+        result = runner.finish(proc, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.teardowns == ["0"]
+    assert not pid_alive(worker_pid)
+    state = client.read_flow_run(run.id).state
+    assert state.name == "AwaitingRetry" and says in state.message, state
+    [event] = _preempted_events(prefect_server, run.id)
+    assert says in event["payload"]["reason"] and event["payload"]["rescheduled"] is True
+
+
+def test_max_runtime_stops_the_worker_and_crashes_the_run(runner, flow_run, client, tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    run = flow_run("sleeper", pid_file=str(pid_file))
+
+    result = runner.run("--flow-run-id", str(run.id), "--max-runtime", "8", timeout=60)
+
+    assert result.returncode == 5, result.stderr
+    assert result.teardowns == ["5"]
+    assert not pid_alive(int(pid_file.read_text()))
+    state = client.read_flow_run(run.id).state
+    assert state.is_crashed() and state.message == "exceeded max runtime of 8s", state
+
+
+def test_two_runners_given_the_same_run_execute_it_once(prefect_server, flow_run, client, tmp_path):
+    marker = tmp_path / "executions"
+    run = flow_run("hello", marker=str(marker))
+    runners = [Runner(prefect_server, _mkdir(tmp_path / name)) for name in ("a", "b")]
+
+    procs = [r.start("--flow-run-id", str(run.id)) for r in runners]
+    results = [r.finish(p) for r, p in zip(runners, procs, strict=True)]
+
+    assert sorted(r.returncode for r in results) == [0, 4], [r.stderr for r in results]
+    assert len(marker.read_text().split()) == 1
+    assert client.read_flow_run(run.id).state.is_completed()
+    for result in results:
+        assert result.teardowns == [str(result.returncode)]
+    loser = next(r for r in results if r.returncode == 4)
+    assert "not executing it again" in loser.stderr or "could not be claimed" in loser.stderr
+
+    # The same run delivered again later (a VM that rebooted): not executed.
+    again = runners[0].run("--flow-run-id", str(run.id))
+    assert again.returncode == 4
+    assert len(marker.read_text().split()) == 1
+
+
+def test_a_claimed_pending_run_is_not_taken_by_a_second_runner(runner, flow_run, client):
+    """The claim's Pending names its runner; a Pending a Prefect worker set does not."""
+    from prefect.states import Pending
+
+    run = flow_run("hello")
+    client.set_flow_run_state(
+        run.id, Pending(message="claimed by prefect-vm-runner on vm-1 (pid 7)")
+    )
+
+    result = runner.run("--flow-run-id", str(run.id))
+
+    assert result.returncode == 4
+    assert result.teardowns == ["4"]
+    assert "already claimed by prefect-vm-runner on vm-1" in result.stderr
+    assert client.read_flow_run(run.id).state.is_pending()
+
+
+def test_the_runner_waits_for_user_data_to_name_the_run(runner, flow_run, client, tmp_path):
+    user_data = tmp_path / "user-data.env"
+    run = flow_run("hello", n=4)
+    proc = runner.start("--user-data-file", str(user_data), "--claim-timeout", "60")
+    time.sleep(2)
+    assert proc.poll() is None  # still waiting
+    user_data.write_text(f"RUNNER_FLOW_RUN_ID={run.id}\nRUNNER_HEARTBEAT_SECONDS=5\n")
+
+    result = runner.finish(proc)
+
+    assert result.returncode == 0, result.stderr
+    assert result.teardowns == ["0"]
+    assert client.read_flow_run(run.id).state.result() == 8
+
+
+def test_no_run_in_user_data_by_the_claim_deadline_tears_down(runner, tmp_path):
+    result = runner.run("--user-data-file", str(tmp_path / "never.env"), "--claim-timeout", "1")
+
+    assert result.returncode == 2
+    assert result.teardowns == ["2"]
+    [line] = result.error_lines()
+    assert "no flow run id arrived in" in line and "within 1s" in line
+
+
+def test_poweroff_falls_back_to_shutdown_and_happens_once(runner, flow_run, tmp_path):
+    """The real poweroff is proven by booting an image (images/); here the commands are
+    stand-ins on PATH: systemctl fails, as on a machine without systemd."""
+    bin_dir, calls = _mkdir(tmp_path / "bin"), tmp_path / "calls"
+    for name, code in (("systemctl", 1), ("shutdown", 0)):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\nexit {code}\n')
+        script.chmod(0o755)
+    run = flow_run("hello")
+    env = runner.env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    argv = [sys.executable, "-m", "runner", "--flow-run-id", str(run.id),
+            "--workdir", str(runner.workdir), "--on-exit", "poweroff"]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    record(done.stdout, done.stderr)
+
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == ["systemctl poweroff", "shutdown -h now"]
+
+
+def test_the_runners_log_is_uploaded_to_the_log_url(runner, flow_run, tmp_path):
+    bucket = tmp_path / "bucket"
+    run = flow_run("hello")
+
+    result = runner.run("--flow-run-id", str(run.id), "--log-url", bucket.as_uri())
+
+    assert result.returncode == 0, result.stderr
+    assert result.teardowns == ["0"]
+    [uploaded] = (bucket / str(run.id)).iterdir()
+    text = uploaded.read_text()
+    assert f"claimed flow run {run.id}" in text  # the worker's lines
+    assert "guard pid" in text and "finished: Completed" in text  # and the guard's
+    assert PREFIX not in text
+    assert not (runner.workdir / "runs" / str(run.id)).exists()
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path

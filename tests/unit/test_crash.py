@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from runner.crash import WorkerExit, memory_limit
+from runner.crash import Stop, WorkerExit, memory_limit
 
 GiB = 1024**3
 
@@ -54,10 +54,10 @@ def test_guard_kill_after_grace_is_not_oom():
         status=_status_of("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"),
         peak_rss_bytes=2 * GiB,
         memory_limit_bytes=2 * GiB,
-        forwarded=("SIGTERM",),
+        stop=Stop("interrupt", "SIGINT"),
         killed_by_guard=True,
     )
-    assert "did not stop after SIGTERM" in ended.describe()
+    assert "did not stop after SIGINT" in ended.describe()
     assert not ended.likely_oom()
 
 
