@@ -12,7 +12,7 @@ in seconds:
 - ``flow_end_to_exit``: from the flow body's last statement to the exit of the started
   process (the runner with its default heartbeats and ``--on-exit none``).
 
-States are polled every 50 ms through the REST API. Prints one JSON line: the medians,
+States are polled every 10 ms through the REST API. Prints one JSON line: the medians,
 the runner/prefect ratios (goal: at most 0.5 each) and the runner's flow end to exit
 (goal: at most 1 s). A measure that a tool cannot complete (no state within 60 s, a
 process that fails) is null, with the reason under ``failures``.
@@ -43,7 +43,7 @@ FLOWS = Path(__file__).resolve().parent / "flows"
 TOOLS = ("runner", "prefect")
 MEASURES = ("cancel_to_cancelled", "sigterm_to_rescheduled", "flow_end_to_exit")
 GOALS = {"ratio_max": 0.5, "flow_end_to_exit_s_max": 1.0}
-_POLL = 0.05
+_POLL = 0.01
 _START_TIMEOUT = 90.0  # until the flow body runs (process start, claim, code load)
 _STATE_TIMEOUT = 60.0  # until the state a measure waits for
 _EXIT_TIMEOUT = 30.0  # until the process exits once that state is reached

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 
-from runner.bootstrap_api import connection, websocket_token
+from runner.bootstrap_api import api_client, connection, websocket_token
 
 log = logging.getLogger("runner")
 
@@ -112,9 +112,8 @@ class CancelWatch:
     def _poll(self) -> None:
         if self._poll_seconds <= 0:
             return
-        url, headers = connection()
         timeout = httpx.Timeout(min(10.0, self._poll_seconds), connect=5.0)
-        with httpx.Client(base_url=url + "/", headers=headers, timeout=timeout) as http:
+        with api_client(timeout=timeout) as http:
             while not self._stopping.wait(self._poll_seconds):
                 try:
                     response = http.get(f"flow_runs/{self._flow_run_id}")

@@ -32,7 +32,7 @@ from runner.errors import (
     internal_error_line,
 )
 from runner.settings import Settings
-from runner.supervisor import FORWARDED, REPORT_API_WAIT, Supervisor, reschedule
+from runner.supervisor import FORWARDED, REPORT_API_WAIT, Supervisor, make_sure_rescheduled
 from runner.telemetry.reporter import RunTelemetry
 from runner.telemetry.sender import EventSender
 from runner.telemetry.summary import ARTIFACT_KEY
@@ -207,10 +207,11 @@ def _conclude(
 
     ending = _Ending.of(settings, ended, error)
     rescheduled = False
-    if ending.outcome == "rescheduled":
-        # Done already as the stop began (Supervisor._ask), unless the API failed then or
-        # the engine moved the run on before it learned of the stop: make sure it held.
-        rescheduled = reschedule(settings, ending.message)
+    if ending.outcome == "rescheduled":  # proposed as the stop began (Supervisor._ask)
+        claimed = inbox.last("claimed") or {}
+        rescheduled = make_sure_rescheduled(
+            settings, ending.message, run_count_at_claim=claimed.get("run_count", 0)
+        )
         if not rescheduled:
             ending = ending.refused()
     if ending.outcome != "rescheduled":

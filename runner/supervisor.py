@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import datetime, timezone
 
 from runner.bootstrap_api import BootstrapApi
 from runner.cancellation import CancelWatch
 from runner.channel import Inbox
 from runner.crash import Stop, WorkerExit, oom_kill_count
-from runner.errors import RunnerError
 from runner.settings import Settings
 from runner.telemetry.reporter import RunTelemetry
 from runner.vm.metadata import cloud_from_dmi
@@ -72,6 +72,9 @@ class Supervisor:
         self._killed = False
         self._seen = 0  # messages already passed on to the telemetry
         self._rescheduling: threading.Thread | None = None
+        # Made at the claim, where it costs nothing: a reschedule then is one request, not
+        # the 20 ms of setting up a client first.
+        self._api: BootstrapApi | None = None
 
     def notify(self, stop: Stop) -> None:
         """Ask for the worker to be stopped; from any thread."""
@@ -111,6 +114,8 @@ class Supervisor:
                 watch.stop()
             if self._rescheduling is not None:
                 self._rescheduling.join()  # bounded by the API wait: the outcome needs it
+            if self._api is not None:
+                self._api.close()
             selector.close()
             self._notice_r.close()
             self._notice_w.close()
@@ -126,6 +131,11 @@ class Supervisor:
 
     def _read_inbox(self) -> None:
         self._pass_on_messages()
+        if self._api is None and self._inbox.last("claimed") is not None:
+            self._api = BootstrapApi(
+                self._settings.run_id(),
+                api_wait=min(self._settings.api_wait, REPORT_API_WAIT),
+            )
         if not self._watches_cancel() and self._inbox.last("claimed") is not None:
             watch = CancelWatch(
                 self._settings.run_id(),
@@ -181,15 +191,15 @@ class Supervisor:
         with suppress(ProcessLookupError):
             os.kill(self._pid, _ASK[stop.reason])
         self._kill_at = time.monotonic() + self._settings.cancel_grace_seconds
-        claimed = self._inbox.last("claimed") is not None
-        if stop.reason == "preemption" and self._settings.on_preemption == "reschedule" and claimed:
+        reschedule = self._settings.on_preemption == "reschedule"
+        if stop.reason == "preemption" and reschedule and self._api is not None:
             # As Prefect's supervisor does: propose AwaitingRetry as the engine is told to
             # stop without a state of its own, not once the worker is gone (its exit, which
             # flushes logs, takes about a second a spot VM may not have). The guard's
             # conclusion checks it held.
             self._rescheduling = threading.Thread(
-                target=reschedule,
-                args=(self._settings, f"preempted ({stop.detail})"),
+                target=_propose_awaiting_retry,
+                args=(self._api, f"preempted ({stop.detail})"),
                 name="runner-reschedule",
                 daemon=True,
             )
@@ -230,14 +240,29 @@ class Supervisor:
         )
 
 
-def reschedule(settings: Settings, message: str) -> bool:
-    """Propose AwaitingRetry for the run (see ``BootstrapApi.reschedule``); False when the
-    server refused it or the API failed, which the caller then reports otherwise."""
+def _propose_awaiting_retry(api: BootstrapApi, message: str) -> None:
+    try:
+        api.reschedule(message)
+    except Exception as exc:  # make_sure_rescheduled tries again once the worker is gone
+        log.warning("could not reschedule the run yet: %s", exc)
+
+
+def make_sure_rescheduled(settings: Settings, message: str, *, run_count_at_claim: int) -> bool:
+    """After the worker is gone: the run is Scheduled again (proposed now if the early
+    proposal failed, or the engine moved the run on before it learned of the stop), and
+    the attempts this runner started are given back to its retries. False when it is not
+    (refused, or the API failed)."""
     try:
         with BootstrapApi(
             settings.run_id(), api_wait=min(settings.api_wait, REPORT_API_WAIT)
         ) as api:
-            return api.reschedule(message)
-    except RunnerError as exc:
+            flow_run = api.read_flow_run()
+            scheduled = (flow_run.get("state") or {}).get("type") == "SCHEDULED"
+            if not (scheduled or api.reschedule(message)):
+                return False
+            api.give_back_retries(flow_run, run_count_at_claim)
+            api.log([(logging.WARNING, message, datetime.now(timezone.utc))])
+            return True
+    except Exception as exc:  # a run that is not rescheduled is crashed instead
         log.error("could not reschedule the run: %s", exc)
         return False

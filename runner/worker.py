@@ -68,7 +68,12 @@ def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> i
         try:
             flow_run = api.claim()
             resource, related = run_resources(flow_run)
-            channel.send("claimed", resource=resource, related=related)
+            channel.send(
+                "claimed",
+                resource=resource,
+                related=related,
+                run_count=int(flow_run.get("run_count") or 0),
+            )
             run_log.info(
                 "prefect-vm-runner %s claimed flow run %s on %s (worker pid %d) in %.2fs",
                 __version__,

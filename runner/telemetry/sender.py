@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from runner.bootstrap_api import connection
+from runner.bootstrap_api import api_client
 from runner.redaction import mask, scrub
 from runner.telemetry.outbox import Outbox, Transient
 
@@ -140,10 +140,7 @@ class EventSender:
     def _client(self) -> httpx.Client:
         # Only the outbox's thread gets here.
         if self._http is None:
-            url, headers = connection()
-            self._http = httpx.Client(
-                base_url=url + "/", headers=headers, timeout=httpx.Timeout(15.0, connect=5.0)
-            )
+            self._http = api_client(timeout=httpx.Timeout(15.0, connect=5.0))
         return self._http
 
 
