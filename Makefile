@@ -24,8 +24,41 @@ node_modules/.installed: package.json package-lock.json
 demo: install
 	$(PY) -m devtools.demo
 
-test: install node_modules/.installed
+test: images-check install node_modules/.installed
 	$(PY) -m pytest
+
+# VM images (images/README.md). images-check needs no cloud: Debian's packer 1.6.6,
+# shellcheck and systemd (systemd-analyze); `make test` runs it first.
+PACKER         := CHECKPOINT_DISABLE=1 packer
+RUNNER_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# e.g. make image-aws PACKER_VARS='-var gpu=true -var region=eu-west-1'
+PACKER_VARS    ?=
+PACKER_BUILD    = $(PACKER) build -var runner_version=$(RUNNER_VERSION) \
+	$(if $(RUNNER_WHEEL),-var runner_wheel=$(RUNNER_WHEEL)) $(PACKER_VARS)
+
+.PHONY: images-check image-aws image-gcp image-azure
+
+images-check:
+	@for tool in packer shellcheck systemd-analyze; do command -v $$tool >/dev/null 2>&1 \
+		|| { echo "images-check: $$tool not found (apt-get install packer shellcheck systemd)" >&2; exit 1; }; done
+	$(PACKER) fmt -check -diff images/packer
+	$(PACKER) validate images/packer/aws.pkr.hcl
+	$(PACKER) validate -var project_id=validate-only images/packer/gcp.pkr.hcl
+	$(PACKER) validate images/packer/azure.pkr.hcl
+	shellcheck images/provision/*.sh images/files/gce-user-data images/*.sh
+	sh images/verify-unit.sh
+
+image-aws:
+	@sh images/check-credentials.sh aws
+	$(PACKER_BUILD) images/packer/aws.pkr.hcl
+
+image-gcp:
+	@sh images/check-credentials.sh gcp
+	$(PACKER_BUILD) $(if $(GCP_PROJECT),-var project_id=$(GCP_PROJECT)) images/packer/gcp.pkr.hcl
+
+image-azure:
+	@sh images/check-credentials.sh azure
+	$(PACKER_BUILD) $(if $(filter 1,$(AZURE_CLI_AUTH)),-var use_azure_cli_auth=true) images/packer/azure.pkr.hcl
 
 bench: install
 	$(PY) -m bench.startup

@@ -42,13 +42,18 @@ def run(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
 
     Everything the guard needs to know is also sent over ``channel``: ``claimed``
     once the run is ours, ``finished`` with the final state, or ``error``."""
-    # Until the flow stage, SIGTERM (forwarded by the guard) is an exception: a uv build
-    # or an image pull in progress is then killed with us (subprocess.run kills its child
-    # on any exception) instead of writing on into a directory the next runner removes.
+    # Until the flow stage, the guard's stop signals are an exception: a uv build or an
+    # image pull in progress is then killed with us (subprocess.run kills its child on
+    # any exception) instead of writing on into a directory the next runner removes.
     signal.signal(signal.SIGTERM, _stopped)
     signal.signal(signal.SIGUSR1, _stopped)  # the guard's cancel; the stage takes it over
     signal.signal(signal.SIGUSR2, _stopped)  # preempted or past --max-runtime: the same
-    return reporting(channel, lambda: _bootstrap(settings, flow_run_id, channel))
+    return reporting(channel, lambda: _stoppable(settings, flow_run_id, channel))
+
+
+class _Stopped(BaseException):
+    """Raised by the stop signals' handler. Not an Exception, so that no ``except
+    Exception`` on the way (a best-effort log write to Prefect) can swallow it."""
 
 
 def _stopped(signum: int, _frame: object) -> None:
@@ -56,9 +61,16 @@ def _stopped(signum: int, _frame: object) -> None:
     why = {signal.SIGUSR1: "cancelled", signal.SIGUSR2: "stopped by the guard"}.get(
         signum, f"stopped by {signal.Signals(signum).name}"
     )
-    raise BootstrapError(
+    raise _Stopped(
         f"{why} while preparing the flow run (claim, code, environment); the flow did not start"
     )
+
+
+def _stoppable(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
+    try:
+        return _bootstrap(settings, flow_run_id, channel)
+    except _Stopped as stop:
+        raise BootstrapError(str(stop)) from None
 
 
 def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:

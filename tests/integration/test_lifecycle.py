@@ -78,16 +78,21 @@ def _preempted_events(server, run_id) -> list[dict]:
     )
 
 
+def _sigterm_once_running(runner, run_id, pid_file, *flags):
+    """Start a runner and SIGTERM it once the flow runs: its result, and the worker's pid."""
+    proc = runner.start("--flow-run-id", str(run_id), *flags)
+    worker_pid = int(wait_for_file(pid_file))
+    proc.send_signal(signal.SIGTERM)
+    return runner.finish(proc, timeout=60), worker_pid
+
+
 def test_sigterm_reschedules_the_run_without_spending_its_retries(
     runner, flow_run, client, prefect_server, tmp_path
 ):
     pid_file, release = tmp_path / "worker.pid", tmp_path / "release"
     run = flow_run("preemptible", pid_file=str(pid_file), release_file=str(release))
-    proc = runner.start("--flow-run-id", str(run.id))
-    worker_pid = int(wait_for_file(pid_file))
 
-    proc.send_signal(signal.SIGTERM)
-    result = runner.finish(proc, timeout=60)
+    result, worker_pid = _sigterm_once_running(runner, run.id, pid_file)
 
     assert result.returncode == 0, result.stderr
     assert result.teardowns == ["0"]
@@ -114,11 +119,8 @@ def test_sigterm_with_the_crash_policy_crashes_the_run(
 ):
     pid_file = tmp_path / "worker.pid"
     run = flow_run("sleeper", pid_file=str(pid_file))
-    proc = runner.start("--flow-run-id", str(run.id), "--on-preemption", "crash")
-    worker_pid = int(wait_for_file(pid_file))
 
-    proc.send_signal(signal.SIGTERM)
-    result = runner.finish(proc, timeout=60)
+    result, worker_pid = _sigterm_once_running(runner, run.id, pid_file, "--on-preemption", "crash")
 
     assert result.returncode == 5, result.stderr
     assert result.teardowns == ["5"]
