@@ -36,7 +36,7 @@ PACKER_VARS    ?=
 PACKER_BUILD    = $(PACKER) build -var runner_version=$(RUNNER_VERSION) \
 	$(if $(RUNNER_WHEEL),-var runner_wheel=$(RUNNER_WHEEL)) $(PACKER_VARS)
 
-.PHONY: images-check image-aws image-gcp image-azure
+.PHONY: images-check image-test image-aws image-gcp image-azure
 
 images-check:
 	@for tool in packer shellcheck systemd-analyze; do command -v $$tool >/dev/null 2>&1 \
@@ -45,8 +45,15 @@ images-check:
 	$(PACKER) validate images/packer/aws.pkr.hcl
 	$(PACKER) validate -var project_id=validate-only images/packer/gcp.pkr.hcl
 	$(PACKER) validate images/packer/azure.pkr.hcl
-	shellcheck images/provision/*.sh images/files/gce-user-data images/*.sh
+	shellcheck images/provision/*.sh images/files/gce-user-data images/*.sh images/docker/entrypoint.sh
 	sh images/verify-unit.sh
+
+# The images themselves, not part of `make test` (pyproject ignores tests/images): the VM
+# image (images/provision/*.sh run into a Debian rootfs with systemd, booted by podman
+# with /sbin/init: runs a flow run, powers itself off; prints the boot figures) and the
+# container image. Needs podman, runc, mmdebstrap and journalctl (.ci/run installs them).
+image-test: install
+	$(PY) -m pytest -p no:cacheprovider -s tests/images
 
 image-aws:
 	@sh images/check-credentials.sh aws

@@ -87,6 +87,7 @@ def main() -> int:
                 str(flow_run.id),
                 "--workdir",
                 str(workdir),
+                "--keep-workdir",  # so that the run's files can be looked at afterwards
             ]
             print(f"==> {' '.join(['python', *command[1:]])}", flush=True)
             started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import gzip
 import hashlib
@@ -219,12 +220,19 @@ class Limits:
     max_files: int
 
 
+# PEP 706's extraction filters came with Python 3.11.4 and 3.10.12; Debian 12's Python
+# (the VM images' and the Debian container base's) is 3.11.2.
+_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
+_FILTER_ERRORS = getattr(tarfile, "FilterError", ())
+
+
 def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
     """Extract ``archive`` into ``dest`` (replacing it); return the bytes written.
 
     Each member is checked before anything of it is written (see ``_Checker``),
     then extracted with Python's ``data`` filter (PEP 706) as a second line of
-    defence. On any error nothing is left behind."""
+    defence, or, on a Python without it, with what that filter does to the member
+    done by hand (``_as_data``). On any error nothing is left behind."""
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -233,11 +241,14 @@ def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
             checker = _Checker(limits)
             for member in tar:
                 checker.check(member)
-                tar.extract(member, partial, filter="data")
+                if _HAS_DATA_FILTER:
+                    tar.extract(member, partial, filter="data")
+                else:
+                    tar.extract(_as_data(member), partial)
         shutil.rmtree(dest, ignore_errors=True)  # a retried run extracts afresh
         os.replace(partial, dest)
         return checker.total
-    except tarfile.FilterError as exc:  # before TarError: it is one
+    except _FILTER_ERRORS as exc:  # before TarError: it is one
         raise BundleError(
             f"bundle member {exc.tarinfo.name!r} is unsafe: {_filter_reason(exc)}"
         ) from None
@@ -285,6 +296,8 @@ class _Checker:
                 raise _unsafe(member, "hard link to something that is not an earlier file")
         elif member.isreg():
             self._files.add(name)
+        elif not member.isdir():
+            raise _unsafe(member, "device or special file")
         _refuse_runner_shadowing([name])
 
     def _name(self, member: tarfile.TarInfo) -> str:
@@ -321,11 +334,22 @@ class _Checker:
             )
 
 
+def _as_data(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """What the data filter does to a member the checker let through: no owner from the
+    archive (a root runner would chown to it), no setuid/setgid/sticky bits, no group or
+    other write bit; a regular file stays readable and writable by its owner."""
+    safe = copy.copy(member)
+    safe.uid, safe.gid, safe.uname, safe.gname = os.geteuid(), os.getegid(), "", ""
+    if not safe.issym():
+        safe.mode = (safe.mode & 0o755) | (0o600 if safe.isreg() else 0)
+    return safe
+
+
 def _unsafe(member: tarfile.TarInfo, reason: str) -> BundleError:
     return BundleError(f"bundle member {member.name!r} is unsafe: {reason}")
 
 
-def _filter_reason(exc: tarfile.FilterError) -> str:
+def _filter_reason(exc: Exception) -> str:
     reasons = {
         tarfile.AbsolutePathError: "absolute path",
         tarfile.OutsideDestinationError: "path leaves the extraction directory",

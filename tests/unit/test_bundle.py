@@ -254,3 +254,24 @@ def test_extracting_again_replaces_the_directory(tmp_path):
     (dest / "left-over.txt").write_text("from an earlier attempt")
     extract(built.path, dest, limits=LIMITS)
     assert (dest / "flow.py").is_file() and not (dest / "left-over.txt").exists()
+
+
+def test_without_pep706_filters_members_are_made_data_by_hand():
+    """Debian 12's Python 3.11.2 has no extraction filters: `_as_data` does their work."""
+    import os
+
+    from runner.bundle import _as_data
+
+    setuid = _member("tool")
+    setuid.mode, setuid.uid, setuid.gid, setuid.uname = 0o4777, 4242, 4242, "mallory"
+    safe = _as_data(setuid)
+    assert safe.mode == 0o755  # no setuid bit, no group/other write
+    assert (safe.uid, safe.gid, safe.uname, safe.gname) == (os.geteuid(), os.getegid(), "", "")
+    assert setuid.mode == 0o4777  # the archive's own member is left alone
+
+    unreadable = _member("data.txt")
+    unreadable.mode = 0o000
+    assert _as_data(unreadable).mode == 0o600  # as the data filter: owner read/write
+    shared_dir = _member("pkg", tarfile.DIRTYPE)
+    shared_dir.mode = 0o777
+    assert _as_data(shared_dir).mode == 0o755
