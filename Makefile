@@ -42,9 +42,7 @@ images-check:
 	@for tool in packer shellcheck systemd-analyze; do command -v $$tool >/dev/null 2>&1 \
 		|| { echo "images-check: $$tool not found (apt-get install packer shellcheck systemd)" >&2; exit 1; }; done
 	$(PACKER) fmt -check -diff images/packer
-	$(PACKER) validate images/packer/aws.pkr.hcl
-	$(PACKER) validate -var project_id=validate-only images/packer/gcp.pkr.hcl
-	$(PACKER) validate images/packer/azure.pkr.hcl
+	$(PACKER) validate -var project_id=validate-only images/packer
 	shellcheck images/provision/*.sh images/files/gce-user-data images/*.sh images/docker/entrypoint.sh
 	sh images/verify-unit.sh
 
@@ -57,15 +55,15 @@ image-test: install
 
 image-aws:
 	@sh images/check-credentials.sh aws
-	$(PACKER_BUILD) images/packer/aws.pkr.hcl
+	$(PACKER_BUILD) -only=amazon-ebs.runner images/packer
 
 image-gcp:
 	@sh images/check-credentials.sh gcp
-	$(PACKER_BUILD) $(if $(GCP_PROJECT),-var project_id=$(GCP_PROJECT)) images/packer/gcp.pkr.hcl
+	$(PACKER_BUILD) -only=googlecompute.runner $(if $(GCP_PROJECT),-var project_id=$(GCP_PROJECT)) images/packer
 
 image-azure:
 	@sh images/check-credentials.sh azure
-	$(PACKER_BUILD) $(if $(filter 1,$(AZURE_CLI_AUTH)),-var use_azure_cli_auth=true) images/packer/azure.pkr.hcl
+	$(PACKER_BUILD) -only=azure-arm.runner $(if $(filter 1,$(AZURE_CLI_AUTH)),-var use_azure_cli_auth=true) images/packer
 
 bench: install
 	$(PY) -m bench.startup

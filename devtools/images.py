@@ -229,10 +229,17 @@ def _one_line_entries(text: str) -> Iterator[_Entry]:
 
 
 def _rootfs_image(cache_dir: Path) -> str:
-    """Debian with Python 3, imported from a tarball that mmdebstrap made once."""
+    """Debian with Python 3."""
+    return debian_image(cache_dir, packages=BASE_PACKAGES, repo=ROOTFS_REPO, name="rootfs")
+
+
+def debian_image(cache_dir: Path, *, packages: Sequence[str], repo: str, name: str) -> str:
+    """Debian (minbase) with ``packages``, imported into podman as ``repo:<key>`` from a
+    tarball ``<name>-<key>.tar`` that mmdebstrap made once; the key is a digest of the
+    arguments and the mirrors."""
     args = [
         "--variant=minbase",
-        f"--include={','.join(BASE_PACKAGES)}",
+        f"--include={','.join(packages)}",
         '--aptopt=Acquire::Languages "none"',
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
@@ -243,10 +250,10 @@ def _rootfs_image(cache_dir: Path) -> str:
     ]
     mirrors = debian_sources()
     key = _digest({"mmdebstrap": args, "mirrors": mirrors})
-    tag = f"{ROOTFS_REPO}:{key}"
+    tag = f"{repo}:{key}"
     if image_id(tag) is not None:
         return tag
-    tarball = cache_dir / f"rootfs-{key}.tar"
+    tarball = cache_dir / f"{name}-{key}.tar"
     if not tarball.exists():
         partial = tarball.with_name(f"{tarball.name}.{os.getpid()}.partial")
         try:

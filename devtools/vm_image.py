@@ -28,7 +28,6 @@ from pathlib import Path
 from devtools.images import (
     BUILD_MOUNT,
     HOST_CA_BUNDLE,
-    SUITE,
     ImageBuildError,
     _digest,
     _locked,
@@ -36,7 +35,7 @@ from devtools.images import (
     _require,
     _run,
     _uv_binary,
-    debian_sources,
+    debian_image,
     image_id,
     podman_run_flags,
 )
@@ -109,33 +108,8 @@ def build_vm_image(
 
 
 def _system_image(cache_dir: Path) -> str:
-    """Debian with systemd as /sbin/init and Python, imported from an mmdebstrap tarball."""
-    args = [
-        "--variant=minbase",
-        f"--include={','.join(SYSTEM_PACKAGES)}",
-        '--aptopt=Acquire::Languages "none"',
-        "--dpkgopt=path-exclude=/usr/share/doc/*",
-        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-        "--dpkgopt=path-exclude=/usr/share/man/*",
-        "--dpkgopt=path-exclude=/usr/share/locale/*",
-        "--format=tar",
-        SUITE,
-    ]
-    mirrors = debian_sources()
-    key = _digest({"mmdebstrap": args, "mirrors": mirrors})
-    tag = f"{BASE_REPO}:{key}"
-    if image_id(tag) is not None:
-        return tag
-    tarball = cache_dir / f"vm-rootfs-{key}.tar"
-    if not tarball.exists():
-        partial = tarball.with_name(f"{tarball.name}.{os.getpid()}.partial")
-        try:
-            _run("mmdebstrap", "--quiet", *args, str(partial), *mirrors)
-            os.replace(partial, tarball)
-        finally:
-            partial.unlink(missing_ok=True)
-    _run("podman", "import", "--quiet", str(tarball), tag)
-    return tag
+    """Debian with systemd as /sbin/init and Python."""
+    return debian_image(cache_dir, packages=SYSTEM_PACKAGES, repo=BASE_REPO, name="vm-rootfs")
 
 
 def _provisioned_image(

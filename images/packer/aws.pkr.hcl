@@ -1,8 +1,7 @@
-# An AMI with the runner: `packer build images/packer/aws.pkr.hcl` (or `make image-aws`).
-# Credentials: the AWS SDK's usual chain (AWS_PROFILE, AWS_ACCESS_KEY_ID..., SSO, a role).
-# Written for Packer 1.6 (Debian's; the amazon builder is built in). With Packer >= 1.7,
-# run `packer plugins install github.com/hashicorp/amazon` (or add a required_plugins
-# block) first: images/README.md.
+# The AWS image (an AMI): `make image-aws`, i.e. `packer build -only=amazon-ebs.runner
+# images/packer`. Credentials: the AWS SDK's usual chain (AWS_PROFILE,
+# AWS_ACCESS_KEY_ID..., SSO, a role). Shared variables and the build: common.pkr.hcl,
+# build.pkr.hcl.
 
 variable "region" {
   type    = string
@@ -27,11 +26,6 @@ variable "base_image_owner" {
   default     = "136693071363"
 }
 
-variable "ssh_username" {
-  type    = string
-  default = "admin"
-}
-
 variable "subnet_id" {
   description = "Subnet of the builder instance; empty: the default VPC."
   type        = string
@@ -44,87 +38,10 @@ variable "iam_instance_profile" {
   default     = ""
 }
 
-variable "disk_size_gb" {
-  type    = number
-  default = 16
-}
-
-variable "runner_version" {
-  description = "prefect-vm-runner version from the package index (empty or latest: the newest)."
-  type        = string
-  default     = "0.1.0"
-}
-
-variable "runner_wheel" {
-  description = "A local wheel of prefect-vm-runner to install instead of runner_version."
-  type        = string
-  default     = ""
-}
-
-variable "runner_extras" {
-  type    = string
-  default = "s3"
-}
-
-variable "index_url" {
-  description = "Package index for the runner and prebuilt envs; empty: PyPI."
-  type        = string
-  default     = ""
-  sensitive   = true
-}
-
-variable "prebuild_specs" {
-  description = "Env specs (URLs as `env push` prints them) built into the image."
-  type        = list(string)
-  default     = []
-}
-
-variable "gpu" {
-  description = "Install the NVIDIA driver (Debian non-free, headless)."
-  type        = bool
-  default     = false
-}
-
-variable "podman" {
-  description = "Install podman, for flows that run in a container image."
-  type        = bool
-  default     = false
-}
-
-variable "extra_env" {
-  description = "More KEY=VALUE for the provisioning scripts (UV_*, SSL_CERT_FILE...)."
-  type        = list(string)
-  default     = []
-}
-
-variable "image_name_prefix" {
-  type    = string
-  default = "prefect-vm-runner"
-}
-
-locals {
-  variant = var.gpu ? "-gpu" : ""
-  version = var.runner_wheel != "" ? regex_replace(basename(var.runner_wheel), "^prefect_vm_runner-([^-]+)-.*$", "$1") : var.runner_version
-  name    = "${var.image_name_prefix}${local.variant}-${regex_replace(local.version, "[^a-zA-Z0-9-]", "-")}-${formatdate("YYYYMMDDhhmmss", timestamp())}"
-  # Packer 1.6 has no conditional provisioner: without a wheel, a file of images/ stands in.
-  wheel_source = var.runner_wheel != "" ? var.runner_wheel : "${path.root}/../systemd/prefect-vm-runner.service"
-  staging      = "/tmp/prefect-vm-runner-image"
-  provision_env = [
-    "PVR_FILES=${local.staging}",
-    "PVR_RUNNER_WHEEL=${var.runner_wheel != "" ? "${local.staging}/${basename(var.runner_wheel)}" : ""}",
-    "PVR_RUNNER_VERSION=${var.runner_version}",
-    "PVR_RUNNER_EXTRAS=${var.runner_extras}",
-    "PVR_INDEX_URL=${var.index_url}",
-    "PVR_PREBUILD_SPECS=${join(" ", var.prebuild_specs)}",
-    "PVR_GPU=${var.gpu}",
-    "PVR_PODMAN=${var.podman}",
-  ]
-}
-
 source "amazon-ebs" "runner" {
   region               = var.region
   instance_type        = var.instance_type
-  ssh_username         = var.ssh_username
+  ssh_username         = "admin" # Debian's AMIs
   subnet_id            = var.subnet_id
   iam_instance_profile = var.iam_instance_profile
   ami_name             = local.name
@@ -155,35 +72,5 @@ source "amazon-ebs" "runner" {
     "prefect-vm-runner:version"  = local.version
     "prefect-vm-runner:gpu"      = var.gpu
     "prefect-vm-runner:base-ami" = var.base_image_name
-  }
-}
-
-build {
-  sources = ["source.amazon-ebs.runner"]
-
-  provisioner "shell" {
-    inline = ["mkdir -p ${local.staging}"]
-  }
-
-  # images/ (systemd unit, GCE user-data step) and the wheel, if any.
-  provisioner "file" {
-    source      = "${path.root}/../"
-    destination = local.staging
-  }
-
-  provisioner "file" {
-    source      = local.wheel_source
-    destination = "${local.staging}/${basename(local.wheel_source)}"
-  }
-
-  provisioner "shell" {
-    execute_command  = "chmod +x {{ .Path }}; sudo env {{ .Vars }} {{ .Path }}"
-    environment_vars = concat(local.provision_env, var.extra_env)
-    scripts = [
-      "${path.root}/../provision/base.sh",
-      "${path.root}/../provision/nvidia.sh",
-      "${path.root}/../provision/runner.sh",
-      "${path.root}/../provision/cleanup.sh",
-    ]
   }
 }
