@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+from contextlib import suppress
 from pathlib import Path
 
 from runner import logs
@@ -26,7 +27,8 @@ def clean_up(settings: Settings, *, claimed: bool) -> None:
     if settings.keep_workdir:
         return
     if path is not None:
-        path.unlink(missing_ok=True)
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
     if claimed:
         shutil.rmtree(settings.run_dir(), ignore_errors=True)
 
@@ -35,13 +37,13 @@ def _upload(path: Path, settings: Settings) -> None:
     from runner.storage import join, redact, resolve
 
     assert settings.log_url is not None
-    url = join(join(settings.log_url, str(settings.run_id())), log_name())
-    log.info("uploading the runner's log to %s", redact(url))
     try:
+        url = join(join(settings.log_url, str(settings.run_id())), log_name())
+        log.info("uploading the runner's log to %s", redact(url))
         storage, key = resolve(url)
         storage.upload(path, key)
     except Exception as exc:  # the log is in the journal too; the run's outcome stands
-        log.error("could not upload the runner's log to %s: %s", redact(url), exc)
+        log.error("could not upload the runner's log to --log-url: %s", exc)
 
 
 def log_name() -> str:

@@ -32,7 +32,7 @@ from runner.errors import (
     internal_error_line,
 )
 from runner.settings import Settings
-from runner.supervisor import FORWARDED, REPORT_API_WAIT, Supervisor, make_sure_rescheduled
+from runner.supervisor import FORWARDED, REPORT_API_WAIT, Supervisor, reschedule_late
 from runner.telemetry.reporter import RunTelemetry
 from runner.telemetry.sender import EventSender
 from runner.telemetry.summary import ARTIFACT_KEY
@@ -105,12 +105,14 @@ def _run(settings: Settings, signals: _Signals, teardown: Teardown, started: flo
         try:  # reporting is best effort; the teardown below must happen whatever
             telemetry.close(exit_code=int(exit_code))  # the teardown phase: the last event
             _write_summary(settings, telemetry, sender, int(exit_code))
-            _flush_prefect()
-            sender.close()
+            sender.close()  # may hand events to Prefect's client (no POST /events): then
+            _flush_prefect()  # this sends them
         except Exception as exc:
             log.error("could not finish reporting to Prefect: %s", exc)
-        clean_up(settings, claimed=telemetry.claimed)
-        teardown(exit_code=int(exit_code))
+        try:
+            clean_up(settings, claimed=telemetry.claimed)
+        finally:
+            teardown(exit_code=int(exit_code))
     return exit_code
 
 
@@ -167,10 +169,12 @@ def _fork_and_supervise(
         telemetry.worker_pid = pid
         detection = Detection(cloud=settings.cloud, urls=settings.metadata_urls())
         detection.start()
-        telemetry.machine = detection.result
-        ended = Supervisor(
+        # Never a long wait: the supervision loop asks for it at the claim.
+        telemetry.machine = lambda: detection.result(timeout=0.5)
+        supervisor = Supervisor(
             pid, inbox, settings, telemetry, oom_before=oom_before, deadline=deadline
-        ).run()
+        )
+        ended = supervisor.run()
     except BaseException:
         # The guard cannot watch the worker any more: never leave it running unwatched.
         with suppress(ProcessLookupError):
@@ -181,7 +185,9 @@ def _fork_and_supervise(
     finally:
         os.close(inbox_fd)
     _remove_orphan_container(inbox, ended)
-    return _conclude(settings, flow_run_id, inbox, ended, telemetry)
+    return _conclude(
+        settings, flow_run_id, inbox, ended, telemetry, rescheduled=supervisor.rescheduled
+    )
 
 
 def _conclude(
@@ -190,11 +196,13 @@ def _conclude(
     inbox: Inbox,
     ended: WorkerExit,
     telemetry: RunTelemetry,
+    *,
+    rescheduled: bool,
 ) -> ExitCode:
     """Turn what the worker said and how it ended into the exit code, making sure a
     run this runner claimed does not stay Pending or Running in Prefect."""
     finished, error = inbox.last("finished"), inbox.last("error")
-    if finished and ended.exit_code is not None:
+    if finished:  # the engine reported the final state (the worker may have died after)
         log.info("flow run %s finished: %s", flow_run_id, finished["name"])
         return exit_code_for_state(finished["state"])
     if inbox.last("claimed") is None:
@@ -206,10 +214,9 @@ def _conclude(
         return ExitCode.CRASHED
 
     ending = _Ending.of(settings, ended, error)
-    rescheduled = False
-    if ending.outcome == "rescheduled":  # proposed as the stop began (Supervisor._ask)
+    if ending.outcome == "rescheduled" and not rescheduled:  # not done as it was stopped
         claimed = inbox.last("claimed") or {}
-        rescheduled = make_sure_rescheduled(
+        rescheduled = reschedule_late(
             settings, ending.message, run_count_at_claim=claimed.get("run_count", 0)
         )
         if not rescheduled:

@@ -72,6 +72,7 @@ class Supervisor:
         self._killed = False
         self._seen = 0  # messages already passed on to the telemetry
         self._rescheduling: threading.Thread | None = None
+        self.rescheduled = False  # AwaitingRetry accepted (and retries given back) early
         # Made at the claim, where it costs nothing: a reschedule then is one request, not
         # the 20 ms of setting up a client first.
         self._api: BootstrapApi | None = None
@@ -83,12 +84,12 @@ class Supervisor:
             self._notice_w.send(b"!")
 
     def run(self) -> WorkerExit:
+        pidfd = os.pidfd_open(self._pid)  # first: it is the one step here that can fail
         wake_r, wake_w = socket.socketpair()
         for sock in (wake_r, wake_w, self._notice_r, self._notice_w):
             sock.setblocking(False)
         previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-        pidfd = os.pidfd_open(self._pid)
         selector = selectors.DefaultSelector()
         handlers: dict[str, Callable[[], WorkerExit | None]] = {
             "exited": self._exited,
@@ -192,18 +193,28 @@ class Supervisor:
             os.kill(self._pid, _ASK[stop.reason])
         self._kill_at = time.monotonic() + self._settings.cancel_grace_seconds
         reschedule = self._settings.on_preemption == "reschedule"
-        if stop.reason == "preemption" and reschedule and self._api is not None:
+        finished = self._inbox.last("finished") is not None  # its state is final already
+        if stop.reason == "preemption" and reschedule and self._api and not finished:
             # As Prefect's supervisor does: propose AwaitingRetry as the engine is told to
             # stop without a state of its own, not once the worker is gone (its exit, which
-            # flushes logs, takes about a second a spot VM may not have). The guard's
-            # conclusion checks it held.
+            # flushes logs, takes about a second a spot VM may not have).
             self._rescheduling = threading.Thread(
-                target=_propose_awaiting_retry,
+                target=self._reschedule_now,
                 args=(self._api, f"preempted ({stop.detail})"),
                 name="runner-reschedule",
                 daemon=True,
             )
             self._rescheduling.start()
+
+    def _reschedule_now(self, api: BootstrapApi, message: str) -> None:
+        claimed = self._inbox.last("claimed") or {}
+        try:
+            if api.reschedule(message):
+                api.give_back_retries(api.read_flow_run(), claimed.get("run_count", 0))
+                api.log([(logging.WARNING, message, datetime.now(timezone.utc))])
+                self.rescheduled = True
+        except Exception as exc:  # the guard's conclusion tries again once the worker is gone
+            log.warning("could not reschedule the run yet: %s", exc)
 
     def _timeout(self) -> float | None:
         # The deadline counts until the worker is being stopped; then the kill time does.
@@ -240,25 +251,18 @@ class Supervisor:
         )
 
 
-def _propose_awaiting_retry(api: BootstrapApi, message: str) -> None:
-    try:
-        api.reschedule(message)
-    except Exception as exc:  # make_sure_rescheduled tries again once the worker is gone
-        log.warning("could not reschedule the run yet: %s", exc)
-
-
-def make_sure_rescheduled(settings: Settings, message: str, *, run_count_at_claim: int) -> bool:
-    """After the worker is gone: the run is Scheduled again (proposed now if the early
-    proposal failed, or the engine moved the run on before it learned of the stop), and
-    the attempts this runner started are given back to its retries. False when it is not
-    (refused, or the API failed)."""
+def reschedule_late(settings: Settings, message: str, *, run_count_at_claim: int) -> bool:
+    """After the worker is gone, where the reschedule as it was stopped did not happen (the
+    API failed then): propose AwaitingRetry, unless the run is final already (it finished
+    before the stop; a Crashed one may be rescheduled), and give the attempts this runner
+    started back to its retries. False when not rescheduled."""
     try:
         with BootstrapApi(
             settings.run_id(), api_wait=min(settings.api_wait, REPORT_API_WAIT)
         ) as api:
             flow_run = api.read_flow_run()
-            scheduled = (flow_run.get("state") or {}).get("type") == "SCHEDULED"
-            if not (scheduled or api.reschedule(message)):
+            state = (flow_run.get("state") or {}).get("type")
+            if state in ("COMPLETED", "FAILED", "CANCELLED") or not api.reschedule(message):
                 return False
             api.give_back_retries(flow_run, run_count_at_claim)
             api.log([(logging.WARNING, message, datetime.now(timezone.utc))])

@@ -11,6 +11,7 @@ the flow stage there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -73,19 +74,35 @@ def _stoppable(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> i
         raise BootstrapError(str(stop)) from None
 
 
+_STOPS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """Hold the guard's stop signals across the claim: a stop between the server's accepting
+    the claim and the guard's hearing of it would leave the run Pending, claimed, for
+    good. Held, it comes right after, and the guard then ends the run it knows is ours."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
     started = time.monotonic()
     with BootstrapApi(flow_run_id, api_wait=settings.api_wait) as api:
         run_log = RunLog(api)
         try:
-            flow_run = api.claim()
-            resource, related = run_resources(flow_run)
-            channel.send(
-                "claimed",
-                resource=resource,
-                related=related,
-                run_count=int(flow_run.get("run_count") or 0),
-            )
+            with _stops_held():
+                flow_run = api.claim()
+                resource, related = run_resources(flow_run)
+                channel.send(
+                    "claimed",
+                    resource=resource,
+                    related=related,
+                    run_count=int(flow_run.get("run_count") or 0),
+                )
             run_log.info(
                 "prefect-vm-runner %s claimed flow run %s on %s (worker pid %d) in %.2fs",
                 __version__,

@@ -273,3 +273,14 @@ def test_the_runners_log_is_uploaded_to_the_log_url(runner, flow_run, tmp_path):
 def _mkdir(path):
     path.mkdir()
     return path
+
+
+def test_a_log_url_that_cannot_be_used_costs_the_log_only(runner, flow_run):
+    run = flow_run("hello")
+
+    result = runner.run("--flow-run-id", str(run.id), "--log-url", "s3://[not-a-bucket/logs")
+
+    assert result.returncode == 0, result.stderr
+    assert result.teardowns == ["0"]
+    [line] = result.error_lines()
+    assert "could not upload the runner's log to --log-url" in line
