@@ -141,13 +141,12 @@ class BootstrapApi:
         before they start their command): it is taken as is, unless a runner claimed it."""
         flow_run = self.read_flow_run()
         state = flow_run.get("state") or {}
-        if state.get("type") == "PENDING" and (state.get("message") or "").startswith(
-            CLAIM_MESSAGE
-        ):
-            raise NotExecuted(
-                f"flow run {self.flow_run_id} is already {state['message']}; not executing it again"
-            )
         if state.get("type") == "PENDING":
+            if (state.get("message") or "").startswith(CLAIM_MESSAGE):
+                raise NotExecuted(
+                    f"flow run {self.flow_run_id} is already {state['message']}; "
+                    "not executing it again"
+                )
             log.info(
                 "flow run %s is Pending (submitted by a Prefect worker); taking it",
                 self.flow_run_id,
@@ -175,30 +174,33 @@ class BootstrapApi:
         flow_run["state"] = result["state"]
         return flow_run
 
-    def reschedule(self, message: str) -> bool:
+    def reschedule(self, message: str, *, run_count_at_claim: int) -> bool:
         """Propose AwaitingRetry, as Prefect's own supervisor does on SIGTERM: the run is
-        Scheduled again, for another machine. True when the server accepted it."""
-        now = datetime.now(timezone.utc).isoformat()
+        Scheduled again, for another machine. True when the server accepted it; then the
+        attempts this runner started go back to the run's retries (the server counts each
+        entry into Running against them, and a preemption must not spend them) and
+        ``message`` to its logs. The proposal comes first: it is the one request a
+        preempted VM may be short of time for."""
+        now = datetime.now(timezone.utc)
         state = {"type": "SCHEDULED", "name": "AwaitingRetry", "message": mask(message)}
-        body = {"state": {**state, "state_details": {"scheduled_time": now}}, "force": False}
-        response = self._request(
-            "POST", f"flow_runs/{self.flow_run_id}/set_state", "rescheduling", json=body
-        )
+        body = {
+            "state": {**state, "state_details": {"scheduled_time": now.isoformat()}},
+            "force": False,
+        }
+        path = f"flow_runs/{self.flow_run_id}"
+        response = self._request("POST", f"{path}/set_state", "rescheduling", json=body)
         self._check(response, "rescheduling the run")
-        return response.json().get("status") == "ACCEPT"
-
-    def give_back_retries(self, flow_run: dict[str, Any], run_count_at_claim: int) -> None:
-        """Add the attempts this runner started to the run's retries: the server counts
-        each entry into Running against the flow's retries, and a preemption must not
-        spend them."""
+        if response.json().get("status") != "ACCEPT":
+            return False
+        flow_run = self.read_flow_run()
         policy = flow_run.get("empirical_policy") or {}
         spent = int(flow_run.get("run_count") or 0) - run_count_at_claim
         if spent > 0 and policy.get("retries") is not None:
             patch = {"empirical_policy": {**policy, "retries": policy["retries"] + spent}}
-            response = self._request(
-                "PATCH", f"flow_runs/{self.flow_run_id}", "giving back retries", json=patch
-            )
+            response = self._request("PATCH", path, "giving back retries", json=patch)
             self._check(response, "giving back the run's retries")
+        self.log([(logging.WARNING, message, now)])
+        return True
 
     def read_deployment(self, deployment_id: str) -> dict[str, Any]:
         response = self._request("GET", f"deployments/{deployment_id}", "reading the deployment")

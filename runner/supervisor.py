@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from datetime import datetime, timezone
 
 from runner.bootstrap_api import BootstrapApi
 from runner.cancellation import CancelWatch
@@ -132,12 +131,11 @@ class Supervisor:
 
     def _read_inbox(self) -> None:
         self._pass_on_messages()
-        if self._api is None and self._inbox.last("claimed") is not None:
+        if self._api is None and self._inbox.last("claimed") is not None:  # just claimed
             self._api = BootstrapApi(
                 self._settings.run_id(),
                 api_wait=min(self._settings.api_wait, REPORT_API_WAIT),
             )
-        if not self._watches_cancel() and self._inbox.last("claimed") is not None:
             watch = CancelWatch(
                 self._settings.run_id(),
                 poll_seconds=self._settings.cancel_poll_seconds,
@@ -145,9 +143,6 @@ class Supervisor:
             )
             watch.start()
             self._watches.append(watch)
-
-    def _watches_cancel(self) -> bool:
-        return any(isinstance(watch, CancelWatch) for watch in self._watches)
 
     def _watch_for_spot_notices(self) -> None:
         cloud = self._settings.cloud
@@ -209,10 +204,9 @@ class Supervisor:
     def _reschedule_now(self, api: BootstrapApi, message: str) -> None:
         claimed = self._inbox.last("claimed") or {}
         try:
-            if api.reschedule(message):
-                api.give_back_retries(api.read_flow_run(), claimed.get("run_count", 0))
-                api.log([(logging.WARNING, message, datetime.now(timezone.utc))])
-                self.rescheduled = True
+            self.rescheduled = api.reschedule(
+                message, run_count_at_claim=claimed.get("run_count", 0)
+            )
         except Exception as exc:  # the guard's conclusion tries again once the worker is gone
             log.warning("could not reschedule the run yet: %s", exc)
 
@@ -260,13 +254,10 @@ def reschedule_late(settings: Settings, message: str, *, run_count_at_claim: int
         with BootstrapApi(
             settings.run_id(), api_wait=min(settings.api_wait, REPORT_API_WAIT)
         ) as api:
-            flow_run = api.read_flow_run()
-            state = (flow_run.get("state") or {}).get("type")
-            if state in ("COMPLETED", "FAILED", "CANCELLED") or not api.reschedule(message):
+            state = (api.read_flow_run().get("state") or {}).get("type")
+            if state in ("COMPLETED", "FAILED", "CANCELLED"):
                 return False
-            api.give_back_retries(flow_run, run_count_at_claim)
-            api.log([(logging.WARNING, message, datetime.now(timezone.utc))])
-            return True
+            return api.reschedule(message, run_count_at_claim=run_count_at_claim)
     except Exception as exc:  # a run that is not rescheduled is crashed instead
         log.error("could not reschedule the run: %s", exc)
         return False

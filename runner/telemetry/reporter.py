@@ -5,8 +5,6 @@ own clock."""
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -26,9 +24,9 @@ PHASES = ("claimed", "code-pulled", "env-ready", "flow-started", "flow-finished"
 class RunTelemetry:
     """Started by the worker's ``claimed`` message; ``phase`` messages become events.
 
-    Phase events go through one background thread (a request must never hold up
-    the guard's supervision loop); ``close`` waits for them, and the teardown event
-    is the last one sent."""
+    ``emit`` must return at once (the guard's EventSender queues each event for its
+    own sending thread): it is called from the supervision loop. The teardown event
+    is the last one."""
 
     def __init__(
         self,
@@ -48,8 +46,6 @@ class RunTelemetry:
         self._claimed_after = 0.0
         self._related: list[dict[str, str]] = []
         self._periodic: list[Periodic] = []
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._sender = threading.Thread(target=self._send, name="runner-events", daemon=True)
         # For the summary artifact.
         self.usage = Usage()
         self._phase_seconds: dict[str, float] = {}
@@ -63,7 +59,6 @@ class RunTelemetry:
             self._resource, self._related = message["resource"], message["related"]
             if (machine := self.machine()) is not None:
                 self._related = [*self._related, machine.resource()]
-            self._sender.start()
             self._start_periodic()
             self._claimed_after = self.elapsed()
             self.phase("claimed", seconds=round(self._claimed_after, 3))
@@ -117,20 +112,21 @@ class RunTelemetry:
             "related": self._related,
             "payload": {**payload, "elapsed_seconds": round(self.elapsed(), 3)},
         }
-        self._queue.put(event)
+        try:
+            self._emit(**event)
+        except Exception:  # a lost event must not stop the run's others
+            log.debug("%s failed", name, exc_info=True)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._started
 
-    def close(self, *, exit_code: int, timeout: float = 30.0) -> None:
-        """Stop the periodic events, then send the teardown phase last, and wait for it."""
+    def close(self, *, exit_code: int) -> None:
+        """Stop the periodic events, then send the teardown phase, last."""
         for periodic in self._periodic:
             periodic.stop()
         if self._resource is None:
             return
         self.phase("teardown", exit_code=exit_code)
-        self._queue.put(None)
-        self._sender.join(timeout)
 
     def _start_periodic(self) -> None:
         assert self._resource is not None
@@ -156,10 +152,3 @@ class RunTelemetry:
             )
         for periodic in self._periodic:
             periodic.start()
-
-    def _send(self) -> None:
-        while (event := self._queue.get()) is not None:
-            try:
-                self._emit(**event)
-            except Exception:  # a lost phase event must not stop the others
-                log.debug("%s failed", event["event"], exc_info=True)
