@@ -127,6 +127,7 @@ def test_sigterm_with_the_crash_policy_crashes_the_run(
     assert not pid_alive(worker_pid)
     state = client.read_flow_run(run.id).state
     assert state.is_crashed() and state.message == "preempted (SIGTERM)", state
+    assert runner.written_outside_workdir() == []
     [event] = _preempted_events(prefect_server, run.id)
     assert event["payload"]["rescheduled"] is False
     assert event["payload"]["policy"] == "crash"
@@ -170,6 +171,7 @@ def test_max_runtime_stops_the_worker_and_crashes_the_run(runner, flow_run, clie
     assert not pid_alive(int(pid_file.read_text()))
     state = client.read_flow_run(run.id).state
     assert state.is_crashed() and state.message == "exceeded max runtime of 8s", state
+    assert runner.written_outside_workdir() == []
 
 
 def test_two_runners_given_the_same_run_execute_it_once(prefect_server, flow_run, client, tmp_path):
@@ -233,6 +235,7 @@ def test_no_run_in_user_data_by_the_claim_deadline_tears_down(runner, tmp_path):
     assert result.teardowns == ["2"]
     [line] = result.error_lines()
     assert "no flow run id arrived in" in line and "within 1s" in line
+    assert runner.written_outside_workdir() == []
 
 
 def test_poweroff_falls_back_to_shutdown_and_happens_once(runner, flow_run, tmp_path):
