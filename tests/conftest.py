@@ -131,12 +131,15 @@ class Runner:
 
     def env(self, **overrides: str) -> dict[str, str]:
         # HOME and PREFECT_HOME point at an empty directory, so that a test can
-        # check that the runner wrote nothing outside its workdir.
+        # check that the runner wrote nothing outside its workdir. No cloud metadata: on
+        # a cloud machine the runner would ask the real service (tests that want one
+        # pass --cloud and a loopback stand-in).
         env = {
             **os.environ,
             **self.server.env(),
             "HOME": str(self.home),
             "PREFECT_HOME": str(self.home / ".prefect"),
+            "RUNNER_CLOUD": "none",
         }
         env.update(overrides)
         return {k: v for k, v in env.items() if v != ""}

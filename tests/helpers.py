@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from devtools.server_process import free_port
 from tests.planted import record
 
 REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI") == "true"
 
 
 def run_cli(
@@ -29,6 +31,26 @@ def run_cli(
     )
     record(done.stdout, done.stderr)
     return done
+
+
+def require_containers(*tools: str) -> None:
+    """Skip the test, with one line saying why, unless podman (and ``tools``) are installed
+    and podman can really start a container here; in CI (``CI=true``) fail instead, so
+    the container tests never go missing there."""
+    import pytest
+
+    from devtools.images import podman_cannot_start
+
+    missing = [tool for tool in ("podman", "runc", *tools) if shutil.which(tool) is None]
+    if missing:
+        why = f"{', '.join(missing)} not installed (devtools/system-deps.sh installs them)"
+    else:
+        why = podman_cannot_start()
+    if why is None:
+        return
+    if IN_CI:
+        pytest.fail(f"{why}; CI must run the container tests")
+    pytest.skip(why)
 
 
 def wait_for_file(path: Path, timeout: float = 60) -> str:
@@ -76,6 +98,32 @@ def read_events(
         time.sleep(0.5)
 
 
+def nvml_gpu_count() -> int:
+    """How many GPUs NVML itself sees on this machine (0 without a driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no device
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def assert_gpus_match_nvml(gpus: list[dict]) -> None:
+    """One entry per GPU that NVML finds, each a real device; none without a driver."""
+    assert [gpu["index"] for gpu in gpus] == list(range(nvml_gpu_count()))
+    for gpu in gpus:
+        assert set(gpu) == {
+            "index", "utilization_percent", "memory_used_bytes", "memory_total_bytes"
+        }  # fmt: skip
+        assert gpu["memory_total_bytes"] > 0
+        assert 0 <= gpu["memory_used_bytes"] <= gpu["memory_total_bytes"]
+        assert 0 <= gpu["utilization_percent"] <= 100
+
+
 def crafted_bundle(dest_dir: Path, *members: tuple[str, str, str]) -> Path:
     """A tar.gz named by its own sha256, with members given as (name, kind, data-or-link);
     kind is "file", "symlink", "hardlink" or "dir". For bundles `bundle push` would never make."""
@@ -105,3 +153,39 @@ def crafted_bundle(dest_dir: Path, *members: tuple[str, str, str]) -> Path:
     path = dest_dir / f"{hashlib.sha256(data).hexdigest()}.tar.gz"
     path.write_bytes(data)
     return path
+
+
+def compression_bomb(dest_dir: Path, *, members: int, member_bytes: int, pax: bool = False) -> Path:
+    """A real tar.gz compression bomb named by its own sha256: ``members`` files of
+    ``member_bytes`` zeros each (or, with ``pax``, one pax header claiming all those bytes,
+    which tarfile would read whole into memory), a few MB on disk. Built from one
+    compressed block of zeros repeated as concatenated gzip members, so it takes
+    milliseconds to make whatever it expands to."""
+    import gzip
+    import hashlib
+    import tarfile
+
+    assert member_bytes % 512 == 0  # no padding between members
+    zeros = gzip.compress(b"\0" * member_bytes, compresslevel=9)
+
+    def header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.type = size, kind
+        return gzip.compress(info.tobuf(format=tarfile.GNU_FORMAT))
+
+    path = dest_dir / "bomb.partial"
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+
+        def write(chunk: bytes) -> None:
+            out.write(chunk)
+            digest.update(chunk)
+
+        if pax:
+            write(header("././@PaxHeader", members * member_bytes, tarfile.XHDTYPE))
+        for index in range(members):
+            if not pax:
+                write(header(f"blob-{index:04d}", member_bytes))
+            write(zeros)
+        write(gzip.compress(b"\0" * 1024))  # the end-of-archive blocks
+    return path.rename(dest_dir / f"{digest.hexdigest()}.tar.gz")

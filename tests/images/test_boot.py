@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import uuid
 from datetime import datetime
@@ -19,7 +18,7 @@ import pytest
 
 from devtools.vm_image import CACHE_DIR, Boot, Vm, build_vm_image
 from tests.conftest import FLOWS_DIR, REPO
-from tests.helpers import run_cli, unused_api_url
+from tests.helpers import require_containers, run_cli, unused_api_url
 
 STEP = "runner.steps.pull_bundle"
 BOOTS = 3  # of the good case; the figures are their medians
@@ -27,7 +26,6 @@ BOOTS = 3  # of the good case; the figures are their medians
 # its deadline (the claim timeout, the API wait).
 BOOT_TIMEOUT = 180
 BAD_BOOT_BOUND = 60  # seconds from /sbin/init to poweroff with a 5 s claim timeout
-IN_CI = os.environ.get("CI") == "true"
 
 # A cold build (mmdebstrap, provisioning from PyPI) runs in the first test's setup.
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
@@ -35,12 +33,7 @@ pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
 
 @pytest.fixture(scope="module")
 def vm_image() -> str:
-    missing = [t for t in ("podman", "runc", "mmdebstrap", "journalctl") if not shutil.which(t)]
-    if missing:
-        message = f"{', '.join(missing)} not found: apt-get install podman runc mmdebstrap systemd"
-        if IN_CI:
-            pytest.fail(f"{message} (.ci/run installs them)")
-        pytest.skip(message)
+    require_containers("mmdebstrap", "journalctl")
     return build_vm_image(REPO, cache_dir=CACHE_DIR)
 
 

@@ -9,7 +9,6 @@ devtools.images makes with mmdebstrap plus python3-venv and this host's CA bundl
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -27,12 +26,11 @@ from devtools.images import (
     podman_run_flags,
 )
 from tests.conftest import FLOWS_DIR, REPO
-from tests.helpers import run_cli
+from tests.helpers import require_containers, run_cli
 from tests.planted import record
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
 
-IN_CI = os.environ.get("CI") == "true"
 # Shared with tests/integration (the rootfs tarball takes a minute to make).
 IMAGE_CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -60,16 +58,6 @@ ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-
 """
 
 
-def _require(*tools: str) -> None:
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if not missing:
-        return
-    message = f"{', '.join(missing)} not installed: apt-get install podman runc mmdebstrap"
-    if IN_CI:
-        pytest.fail(f"{message} (CI must run the image tests)")
-    pytest.skip(message)
-
-
 def _base_image() -> str:
     """Debian bookworm's python3 and python3-venv, tagged by what it is made from."""
     IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
@@ -93,7 +81,7 @@ def container_image() -> str:
     """The image, built the documented way over the local base; podman's layer cache makes
     a second build (same source) take seconds. Returns its id, so that a concurrent build
     retagging IMAGE cannot swap it."""
-    _require("podman", "runc", "mmdebstrap")
+    require_containers("mmdebstrap")
     base = _base_image()
     with tempfile.TemporaryDirectory() as tmp:
         iidfile = Path(tmp) / "iid"

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from devtools.images import Registry, build_runner_image
+from tests.helpers import require_containers
 
 REPO = Path(__file__).resolve().parents[2]
-IN_CI = os.environ.get("CI") == "true"
 # Kept between sessions, as uv's cache is: the Debian rootfs tarball takes a minute to make.
 IMAGE_CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -33,22 +32,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.timeout(IMAGE_TIMEOUT))
 
 
-def _require_podman() -> None:
-    if shutil.which("podman") is not None:
-        return
-    if IN_CI:
-        pytest.fail(
-            "podman is not installed, and CI must run the image tests (.ci/run installs it)"
-        )
-    pytest.skip(
-        "podman is not installed: apt-get install podman runc skopeo docker-registry mmdebstrap"
-    )
-
-
 @pytest.fixture(scope="session")
 def build_image() -> Callable[[], str]:
     """Builds this checkout's image, or finds it (the same source gives the same tag)."""
-    _require_podman()
+    require_containers("mmdebstrap")
     return functools.partial(build_runner_image, REPO, cache_dir=IMAGE_CACHE)
 
 
@@ -62,6 +49,6 @@ def runner_image(build_image: Callable[[], str]) -> str:
 @pytest.fixture(scope="session")
 def registry() -> Iterator[Registry]:
     """An empty local registry over plain HTTP; push with ``devtools.images.push``."""
-    _require_podman()
+    require_containers("docker-registry", "skopeo")
     with Registry() as server:
         yield server

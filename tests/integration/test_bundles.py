@@ -3,9 +3,11 @@ every bad bundle ends the run Crashed with one clear line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from runner.storage import resolve
 from tests.conftest import FLOWS_DIR
-from tests.helpers import crafted_bundle
+from tests.helpers import compression_bomb, crafted_bundle
 
 STEP = "runner.steps.pull_bundle"
 
@@ -228,6 +230,74 @@ def test_bad_bundles_crash_the_run_with_one_clear_line(
     assert (
         not (tmp_path / "evil.py").exists() and not (result.workdir / "runs" / "evil.py").exists()
     )
+
+
+class _PeakSize:
+    """Samples the bytes under a directory in a thread: the most it held while it ran."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.peak = root, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> _PeakSize:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            total = 0
+            for path in self.root.rglob("*"):
+                with contextlib.suppress(OSError):
+                    total += path.lstat().st_size if path.is_file() else 0
+            self.peak = max(self.peak, total)
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        # 160 members of 64 MiB of zeros: each passes the limit alone, their sum does not.
+        ("members", "expands to more than 209715200 bytes (stopped at 'blob-0003')"),
+        # One pax header that claims 10 GiB, which tarfile would read whole into memory.
+        ("pax header", "inflates to more than its members account for (refused at 512 of"),
+    ],
+)
+def test_a_compression_bomb_is_refused_as_it_inflates(
+    runner, flow_run, client, tmp_path, kind, says
+):
+    limit = 200 * 1024**2
+    bomb = compression_bomb(
+        _mkdir(tmp_path / "bucket"), members=160, member_bytes=64 * 1024**2, pax=kind != "members"
+    )
+    assert bomb.stat().st_size < 16 * 1024**2  # a few MB that expand to 10 GiB
+    run = flow_run("hello", path=None)
+    runs = runner.workdir / "runs"
+
+    with _PeakSize(runs) as disk:
+        result = runner.run(
+            "--flow-run-id", str(run.id), "--code-url", f"file://{bomb}",
+            "--max-bundle-bytes", str(limit),
+        )  # fmt: skip
+
+    assert result.returncode == 3, result.stderr
+    [line] = result.error_lines()
+    assert says in line, line
+    state = client.read_flow_run(run.id).state
+    assert state.is_crashed() and says in state.message, state.message
+    assert result.teardowns == ["3"]
+    assert disk.peak < limit  # what reached the disk before it was refused
+    assert runner.written_outside_workdir() == []
+    run_dir = runs / str(run.id)
+    assert not (run_dir / "code").exists() and not (run_dir / "code.partial").exists()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
 
 
 def test_other_pull_steps_run_after_the_bundle(runner, store, flow_run, client, tmp_path):

@@ -4,6 +4,7 @@ is a cache hit; bad specs and indexes end the run Crashed with one clear line.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -210,10 +211,51 @@ def test_env_failures_crash_the_run_with_one_line(
     assert result.teardowns == ["3"]
     assert runner.written_outside_workdir() == []
     envs = result.workdir / "cache" / "envs"
-    assert not [p for p in envs.iterdir() if p.name.endswith(".partial")] if envs.is_dir() else True
+    assert envs.is_dir()  # the build ran in the env cache, and left no partial build
+    assert [p.name for p in envs.glob("*.partial")] == []
     assert _envs(result.workdir) == []
     everything = result.stderr + result.stdout + _logs(client, run.id) + state.message
     assert "s3cret-token" not in everything
+
+
+@pytest.mark.parametrize("case", ["unparseable json", "conda only", "index url in the spec"])
+def test_a_bad_spec_named_by_the_run_crashes_it_with_exit_2(
+    case, runner, flow_run, client, index_url, tmp_path
+):
+    """Each way a run names its spec: a senv URL (job variable), an inline Coiled spec,
+    and a requirements file in the bundle."""
+    files, job_variables = {}, {}
+    if case == "unparseable json":
+        text = b'{"packages": [{"name": "rvm-app", "source": "pip"'
+        senvs = tmp_path / "senvs"
+        senvs.mkdir()
+        spec = senvs / f"{hashlib.sha256(text).hexdigest()}.json"
+        spec.write_bytes(text)
+        job_variables["senv"] = f"file://{spec}"
+        expect = "is not valid JSON"
+    elif case == "conda only":
+        packages = [{"name": "cudatoolkit", "source": "conda", "specifier": "=11.8"}]
+        job_variables["senv"] = {"packages": packages}
+        expect = "no PyPI equivalent: cudatoolkit"
+    else:
+        files["requirements__txt"] = (
+            "--index-url http://robot:s3cret-token@127.0.0.1:9/simple\nrvm-app\n"
+        )
+        expect = "line 1 names a package index"
+    url = _bundle(runner, _project(tmp_path, **files), tmp_path)
+    run = _run_of(flow_run, url, **job_variables)
+
+    result = runner.run("--flow-run-id", str(run.id), "--index-url", index_url)
+
+    assert result.returncode == 2, result.stderr
+    [line] = result.error_lines()
+    assert expect in line, line
+    state = client.read_flow_run(run.id).state
+    assert state.is_crashed() and expect in state.message, state.message
+    assert result.teardowns == ["2"]
+    assert runner.written_outside_workdir() == []
+    assert _envs(result.workdir) == []
+    assert "s3cret-token" not in result.stderr + _logs(client, run.id) + state.message
 
 
 def test_env_build_prebakes_the_cache(runner, index_url, tmp_path):

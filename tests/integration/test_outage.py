@@ -116,3 +116,40 @@ def test_server_stopped_and_restarted_mid_run(server: PrefectServer, tmp_path: P
         server.api_url, event="runner.metrics", resource_id=resource, at_least=LINES
     )
     assert [m for m in metrics if down_at <= _occurred(m) < up_at]
+
+
+def test_api_down_at_start_and_up_within_api_wait_completes(server: PrefectServer, tmp_path):
+    run_id = _deployed_run(server, "hello", n=2)
+    runner = Runner(server, tmp_path)
+
+    with server.down():
+        proc = runner.start("--flow-run-id", str(run_id), "--api-wait", "120")
+        time.sleep(3)
+        waited = proc.poll() is None
+    result = runner.finish(proc, timeout=180)
+
+    assert waited, f"the runner gave up while the API was down:\n{result.stderr}"
+    assert result.returncode == 0, result.stderr
+    assert result.teardowns == ["0"]
+    state = httpx.get(f"{server.api_url}/flow_runs/{run_id}", timeout=10).json()["state"]
+    assert state["type"] == "COMPLETED", state
+    assert runner.written_outside_workdir() == []
+
+
+def test_api_down_for_longer_than_api_wait_is_exit_3_and_leaves_the_run_unclaimed(
+    server: PrefectServer, tmp_path
+):
+    run_id = _deployed_run(server, "hello", n=2)
+    runner = Runner(server, tmp_path)
+
+    with server.down():
+        result = runner.run("--flow-run-id", str(run_id), "--api-wait", "2", timeout=60)
+
+    assert result.returncode == 3, result.stderr
+    [line] = result.error_lines()
+    assert "unreachable for 2s" in line, line
+    assert result.teardowns == ["3"]
+    assert runner.written_outside_workdir() == []
+    # Back up: the run was never claimed, so another VM can still take it.
+    state = httpx.get(f"{server.api_url}/flow_runs/{run_id}", timeout=10).json()["state"]
+    assert state["type"] == "SCHEDULED", state

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from runner.channel import Inbox, Sender
 
 
@@ -36,5 +38,10 @@ def test_drain_does_not_wait_for_a_write_end_held_open():
 def test_send_to_a_closed_guard_does_not_raise():
     r, w = os.pipe()
     os.close(r)
-    Sender(w).send("claimed")  # EPIPE is swallowed: the guard is gone
+    with pytest.raises(BrokenPipeError):  # what the worker's write meets: the guard is gone
+        os.write(w, b"{}\n")
+    sender = Sender(w)
+    assert sender.send("claimed") is None  # swallowed, and the worker goes on
+    assert sender.send("finished", state="COMPLETED", name="Completed") is None
     os.close(w)
+    assert Sender(-1).send("claimed") is None  # no guard at all (a container without the fd)

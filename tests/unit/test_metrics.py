@@ -11,6 +11,7 @@ import time
 import psutil
 
 from runner.telemetry.metrics import Sampler
+from tests.helpers import assert_gpus_match_nvml
 
 
 def test_a_sample_has_every_key_and_counts_from_the_start(tmp_path):
@@ -39,7 +40,7 @@ def test_a_sample_has_every_key_and_counts_from_the_start(tmp_path):
     assert sample["worker_rss_bytes"] >= own + (64 << 20)  # this process and its child
     assert sample["disk_write_bytes"] >= 0 and sample["net_sent_bytes"] >= 0
     assert sample["disk_write_bytes"] < psutil.disk_io_counters().write_bytes  # not since boot
-    assert sample["gpus"] == []
+    assert_gpus_match_nvml(sample["gpus"])
 
 
 def test_a_dead_worker_has_no_memory():

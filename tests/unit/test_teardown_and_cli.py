@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 
 from runner.errors import ExitCode, exit_code_for_state
@@ -23,9 +25,22 @@ def test_teardown_command_runs_exactly_once(tmp_path):
     assert log.read_text().splitlines() == ["3 x"]
 
 
-def test_teardown_none_does_nothing(tmp_path):
-    Teardown(Settings(on_exit="none"))(exit_code=0)
-    assert list(tmp_path.iterdir()) == []
+def test_teardown_none_neither_powers_off_nor_runs_the_command(tmp_path, monkeypatch, caplog):
+    """Stand-ins for poweroff's commands on PATH, and an exit command: none may run."""
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("systemctl", "shutdown"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    settings = Settings(on_exit="none", on_exit_command=f"echo command >> {calls}")
+
+    with caplog.at_level(logging.INFO, logger="runner"):
+        Teardown(settings)(exit_code=0)
+
+    assert not calls.exists()
+    assert "teardown: on-exit=none (exit code 0)" in caplog.text
 
 
 def test_exit_codes_for_final_states():
