@@ -3,7 +3,9 @@
 # the system tools the tests use (devtools/system-deps.sh: only what is missing, as root).
 VENV        := .venv
 PY          := $(VENV)/bin/python
-UV          := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+# uv trusts the system's CA store, as pip and apt do: PyPI may be reached through a
+# TLS-inspecting proxy whose CA only the system knows.
+UV          := UV_SYSTEM_CERTS=1 $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 SYSTEM_DEPS := sh devtools/system-deps.sh
 
 .PHONY: install demo test bench lint clean
@@ -12,7 +14,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@$(SYSTEM_DEPS) python
-	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
+		|| python3 -m pip install --quiet uv 2>/dev/null \
 		|| python3 -m pip install --quiet --break-system-packages uv
 	$(UV) venv --quiet --allow-existing --python python3 $(VENV)
 	$(UV) pip install --quiet --compile-bytecode --python $(PY) -e '.[dev]'
