@@ -3,10 +3,15 @@
 # the system tools the tests use (devtools/system-deps.sh: only what is missing, as root).
 VENV        := .venv
 PY          := $(VENV)/bin/python
-# uv trusts the system's CA store, as pip and apt do: PyPI may be reached through a
-# TLS-inspecting proxy whose CA only the system knows.
-UV          := UV_SYSTEM_CERTS=1 $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+UV          := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 SYSTEM_DEPS := sh devtools/system-deps.sh
+
+# uv and Node trust the system's CA store, as pip and apt do: PyPI and the npm registry
+# may be reached through a TLS-inspecting proxy whose CA only the system knows.
+export UV_SYSTEM_CERTS ?= 1
+ifneq ($(wildcard /etc/ssl/certs/ca-certificates.crt),)
+export NODE_EXTRA_CA_CERTS ?= /etc/ssl/certs/ca-certificates.crt
+endif
 
 .PHONY: install demo test bench lint clean
 

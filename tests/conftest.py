@@ -117,6 +117,15 @@ class RunnerResult:
             line for line in self.stderr.splitlines() if " runner[" in line and " ERROR " in line
         ]
 
+    def assert_one_error(self, code: int, says: str) -> str:
+        """The runner ended with ``code``, one error line that says ``says``, and one
+        teardown; returns the line."""
+        assert self.returncode == code, self.stderr
+        lines = self.error_lines()
+        assert len(lines) == 1 and says in lines[0], self.stderr
+        assert self.teardowns == [str(code)]
+        return lines[0]
+
 
 class Runner:
     """Starts `python -m runner` as users do, with teardown recorded to a file."""

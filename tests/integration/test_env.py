@@ -247,12 +247,9 @@ def test_a_bad_spec_named_by_the_run_crashes_it_with_exit_2(
 
     result = runner.run("--flow-run-id", str(run.id), "--index-url", index_url)
 
-    assert result.returncode == 2, result.stderr
-    [line] = result.error_lines()
-    assert expect in line, line
+    result.assert_one_error(2, expect)
     state = client.read_flow_run(run.id).state
     assert state.is_crashed() and expect in state.message, state.message
-    assert result.teardowns == ["2"]
     assert runner.written_outside_workdir() == []
     assert _envs(result.workdir) == []
     assert "s3cret-token" not in result.stderr + _logs(client, run.id) + state.message

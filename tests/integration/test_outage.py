@@ -145,10 +145,7 @@ def test_api_down_for_longer_than_api_wait_is_exit_3_and_leaves_the_run_unclaime
     with server.down():
         result = runner.run("--flow-run-id", str(run_id), "--api-wait", "2", timeout=60)
 
-    assert result.returncode == 3, result.stderr
-    [line] = result.error_lines()
-    assert "unreachable for 2s" in line, line
-    assert result.teardowns == ["3"]
+    result.assert_one_error(3, "unreachable for 2s")
     assert runner.written_outside_workdir() == []
     # Back up: the run was never claimed, so another VM can still take it.
     state = httpx.get(f"{server.api_url}/flow_runs/{run_id}", timeout=10).json()["state"]

@@ -34,10 +34,7 @@ def test_garbage_user_data_is_exit_2_naming_the_line_and_crashes_the_run(
     # The API URL comes from the file alone, as on a VM.
     result = runner.run("--user-data-file", str(user_data), PREFECT_API_URL="")
 
-    assert result.returncode == 2, result.stderr
-    [line] = result.error_lines()
-    assert f"user-data file {user_data}, {says}" in line, line
-    assert result.teardowns == ["2"]
+    result.assert_one_error(2, f"user-data file {user_data}, {says}")
     state = client.read_flow_run(run.id).state
     assert state.is_crashed(), state
     assert "user-data cannot be used" in state.message and says in state.message
@@ -50,10 +47,7 @@ def test_garbage_user_data_that_names_no_run_is_exit_2_at_the_claim_deadline(run
 
     result = runner.run("--user-data-file", str(user_data), "--claim-timeout", "1")
 
-    assert result.returncode == 2, result.stderr
-    [line] = result.error_lines()
-    assert f"user-data file {user_data}, line 2: not a KEY=VALUE line" in line
-    assert result.teardowns == ["2"]
+    result.assert_one_error(2, f"user-data file {user_data}, line 2: not a KEY=VALUE line")
     assert runner.written_outside_workdir() == []
 
 
@@ -68,7 +62,5 @@ def test_a_run_already_running_elsewhere_is_left_alone(runner, flow_run, client,
 
     result = runner.run("--user-data-file", str(user_data))
 
-    assert result.returncode == 2, result.stderr
-    assert len(result.error_lines()) == 1
-    assert result.teardowns == ["2"]
+    result.assert_one_error(2, "line 2: RUNNER_MAX_RUNTIME: Input should be")
     assert client.read_flow_run(run.id).state.is_running()
