@@ -38,6 +38,12 @@ test)
     need skopeo skopeo                   # pushes test images to the local registry
     need docker-registry docker-registry # the local registry
     need mmdebstrap mmdebstrap           # the Debian rootfs of the test images
+    # `python3 -m venv` with pip (bench/env's baseline, tests/unit/test_wheel_index.py):
+    # Debian ships ensurepip apart, in python3-venv.
+    if ! python3 -m ensurepip --version >/dev/null 2>&1; then
+        missing="${missing:+$missing }python3-venv"
+        tools="${tools:+$tools, }python3 -m venv"
+    fi
     ;;
 *)
     echo "usage: $0 python|test" >&2

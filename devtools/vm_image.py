@@ -39,6 +39,7 @@ from devtools.images import (
     image_id,
     podman_run_flags,
 )
+from runner.launch.providers.local import parse_podman_time
 
 # What a cloud's Debian 12 image has that matters here: systemd as init, D-Bus, Python.
 SYSTEM_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates")
@@ -289,8 +290,8 @@ class Vm:
         return Boot(
             name=self.name,
             exit_code=int(state["ExitCode"]),
-            started_at=_parse_time(state["StartedAt"]),
-            finished_at=_parse_time(state["FinishedAt"]),
+            started_at=parse_podman_time(state["StartedAt"]),
+            finished_at=parse_podman_time(state["FinishedAt"]),
             journal=_read_journal(self._journal_dir),
             console=self.console(),
         )
@@ -355,14 +356,3 @@ def _message(entry: dict) -> str:
 
 def _from_micros(value: str) -> datetime:
     return datetime.fromtimestamp(int(value) / 1e6, tz=timezone.utc)
-
-
-def _parse_time(value: str) -> datetime:
-    """podman's times (Go's RFC 3339 with nanoseconds, ``2024-01-02T03:04:05.123456789Z`` or
-    with an offset) to an aware datetime, at microsecond precision."""
-    value = value.strip().replace("Z", "+00:00")
-    head, _, rest = value.partition(".")
-    if rest:
-        digits = len(rest) - len(rest.lstrip("0123456789"))
-        value = f"{head}.{rest[:digits][:6].ljust(6, '0')}{rest[digits:]}"
-    return datetime.fromisoformat(value)

@@ -19,7 +19,7 @@ log = logging.getLogger("runner")
 
 # Subcommands by name; anything else on the command line means `run` (so that
 # `python -m runner --flow-run-id ID` works as Prefect workers call it).
-COMMANDS = ("run", "bundle", "env", "doctor")
+COMMANDS = ("run", "bundle", "env", "doctor", "launch")
 # The settings `env build` reads (it builds into the workdir's cache, as a run would).
 _ENV_BUILD_SETTINGS = ("workdir", "index_url", "extra_index_url", "env_cache_bytes", "log_level")
 # The settings `doctor` reads: where runs work, how often they beat, which cloud this is.
@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_bundle_commands(commands)
     _add_env_commands(commands)
     _add_doctor_command(commands)
+    _add_launch_command(commands)
     return parser
 
 
@@ -195,6 +196,35 @@ def _add_doctor_command(commands: argparse._SubParsersAction) -> None:
     )
     _add_settings_flags(doctor, only=_DOCTOR_SETTINGS)
     doctor.set_defaults(handler=_doctor)
+
+
+def _add_launch_command(commands: argparse._SubParsersAction) -> None:
+    launch = commands.add_parser("launch", help="the `vm` worker's tools (VMs it started)")
+    actions = launch.add_subparsers(dest="launch_command", metavar="ACTION", required=True)
+    sweep = actions.add_parser(
+        "sweep",
+        help="delete a vm pool's VMs that nothing will delete any more",
+        description="Delete the VMs tagged with the work pool whose flow run is final or gone "
+        "(past --grace), that are powered off, or that outlived their max runtime by 10 "
+        "minutes: what a dead worker left. The worker also sweeps every minute. The pool's "
+        "provider and region come from its base job template.",
+    )
+    sweep.add_argument("--pool", required=True, help="the vm work pool's name")
+    sweep.add_argument(
+        "--grace",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long after its run ended a VM is left to its own worker [default: 300]",
+    )
+    sweep.set_defaults(handler=_launch_sweep)
+
+
+def _launch_sweep(args: argparse.Namespace) -> int:
+    logs.configure("INFO")
+    from runner.launch.sweep import sweep_command
+
+    return sweep_command(args.pool, grace=args.grace, say=print)
 
 
 def _doctor(args: argparse.Namespace) -> int:

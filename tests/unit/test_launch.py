@@ -1,0 +1,82 @@
+"""The vm worker's pure parts: the order of what it tries, what the sweep deletes, and the
+user-data it writes read back as the runner reads it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from runner.launch.providers.base import TAG_FLOW_RUN, TAG_MAX_RUNTIME, Vm
+from runner.launch.sweep import why_due
+from runner.launch.user_data import as_env_file, render
+from runner.launch.worker import VmJobConfiguration, _candidates
+from runner.vm.user_data import read
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("on-demand", [("a", False), ("b", False)]),
+        ("spot", [("a", True), ("b", True)]),
+        # Every type on spot first, then every type on demand.
+        ("spot_with_fallback", [("a", True), ("b", True), ("a", False), ("b", False)]),
+    ],
+)
+def test_candidates_follow_the_types_then_the_spot_policy(policy, expected):
+    configuration = VmJobConfiguration(vm_types=["a", "b"], spot_policy=policy)
+    assert _candidates(configuration) == expected
+
+
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
+RUN = str(uuid.uuid4())
+
+
+def _vm(state="running", age=3600.0, **tags: str) -> Vm:
+    return Vm("vm-1", state, tags={TAG_FLOW_RUN: RUN, **tags}, created=NOW - timedelta(seconds=age))
+
+
+@pytest.mark.parametrize(
+    ("vm", "run_state", "due"),
+    [
+        (_vm(), "RUNNING", None),
+        (_vm(), "COMPLETED", "is completed"),
+        (_vm(), None, "no longer exists"),
+        (_vm(age=60), "COMPLETED", None),  # its own worker deletes it first
+        (_vm(state="stopped", age=10), "RUNNING", "powered off"),
+        (_vm(**{TAG_MAX_RUNTIME: "600"}, age=1300), "RUNNING", "outlived its max runtime"),
+        (_vm(**{TAG_MAX_RUNTIME: "600"}, age=1100), "RUNNING", None),
+        (Vm("other", "running", tags={}, created=NOW - timedelta(days=1)), "COMPLETED", None),
+    ],
+)
+def test_what_the_sweep_deletes(vm, run_state, due):
+    reason = why_due(vm, lambda run_id: run_state, grace=300, now=NOW)
+    assert (reason is None) if due is None else (due in reason)
+
+
+def test_the_user_data_reads_back_as_the_runner_reads_it(tmp_path):
+    run_id = uuid.uuid4()
+    data = render(
+        flow_run_id=run_id,
+        api_url="http://127.0.0.1:4200/api",
+        api_key="pnu_secret",
+        env={"QUOTED": 'a "b" #c \\d', "NONE": None, "RUNNER_HEARTBEAT_SECONDS": "5"},
+        software="s3://b/senv/x.json",
+        max_runtime=3600,
+    )
+    path = tmp_path / "user-data.env"
+    path.write_text(as_env_file(data))
+
+    read_back = read(path)
+
+    assert read_back.problem is None
+    assert read_back.values == {
+        "RUNNER_FLOW_RUN_ID": str(run_id),
+        "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+        "PREFECT_API_KEY": "pnu_secret",
+        "RUNNER_SENV_URL": "s3://b/senv/x.json",
+        "RUNNER_MAX_RUNTIME": "3600",
+        "QUOTED": 'a "b" #c \\d',
+        "RUNNER_HEARTBEAT_SECONDS": "5",
+    }
