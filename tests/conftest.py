@@ -57,6 +57,30 @@ def moto() -> Iterator[MotoServer]:
 
 
 @pytest.fixture(scope="session")
+def vm_image() -> str:
+    """The runner's VM image: images/provision/*.sh run into a Debian rootfs with systemd
+    (devtools.vm_image; a cold build takes minutes, then it is cached by content)."""
+    from devtools.vm_image import CACHE_DIR, build_vm_image
+    from tests.helpers import require_containers
+
+    require_containers("mmdebstrap", "journalctl")
+    return build_vm_image(REPO, cache_dir=CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def bundle_url(moto) -> str:
+    """tests/flows pushed as a bundle to a fresh bucket of the session's moto."""
+    bucket = f"vm-{uuid.uuid4().hex[:12]}"
+    moto.create_bucket(bucket)
+    pushed = run_cli(
+        "bundle", "push", str(FLOWS_DIR), "--to", f"s3://{bucket}/flows",
+        env={**os.environ, **moto.env()},
+    )  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    return pushed.stdout.strip()
+
+
+@pytest.fixture(scope="session")
 def moto_iam() -> Iterator[MotoServer]:
     """A moto server that refuses every request not signed by an IAM user it knows."""
     with MotoServer(enforce_iam=True) as server:

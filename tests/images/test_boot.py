@@ -9,16 +9,13 @@ The container ending by itself is the VM powering itself off.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import uuid
 from datetime import datetime
 
 import pytest
 
-from devtools.vm_image import CACHE_DIR, Boot, Vm, build_vm_image
-from tests.conftest import FLOWS_DIR, REPO
-from tests.helpers import require_containers, run_cli, unused_api_url
+from devtools.vm_image import Boot, Vm
+from tests.helpers import unused_api_url
 
 STEP = "runner.steps.pull_bundle"
 BOOTS = 3  # of the good case; the figures are their medians
@@ -29,28 +26,6 @@ BAD_BOOT_BOUND = 60  # seconds from /sbin/init to poweroff with a 5 s claim time
 
 # A cold build (mmdebstrap, provisioning from PyPI) runs in the first test's setup.
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
-
-
-@pytest.fixture(scope="module")
-def vm_image() -> str:
-    require_containers("mmdebstrap", "journalctl")
-    return build_vm_image(REPO, cache_dir=CACHE_DIR)
-
-
-@pytest.fixture(scope="module")
-def bundle_url(moto) -> str:
-    """tests/flows pushed as a bundle to a fresh bucket of the session's moto."""
-    bucket = f"vm-{uuid.uuid4().hex[:12]}"
-    moto.create_bucket(bucket)
-    pushed = run_cli(
-        "bundle", "push", str(FLOWS_DIR), "--to", f"s3://{bucket}/flows", env=_env(moto.env())
-    )
-    assert pushed.returncode == 0, pushed.stderr
-    return pushed.stdout.strip()
-
-
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    return {**os.environ, **extra}
 
 
 def _user_data(prefect_server, moto, flow_run_id: object, **more: str) -> dict[str, str]:

@@ -16,32 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from devtools.vm_image import CACHE_DIR, build_vm_image
-from tests.conftest import FLOWS_DIR, REPO
-from tests.helpers import require_containers, run_cli
+from tests.conftest import REPO
 from tests.planted import record
 
 STEP = "runner.steps.pull_bundle"
 POOL_LABEL = "prefect-vm-runner-pool"
-
-
-@pytest.fixture(scope="session")
-def vm_image() -> str:
-    """The runner's VM image (images/provision/*.sh in a Debian rootfs with systemd)."""
-    require_containers("mmdebstrap", "journalctl")
-    return build_vm_image(REPO, cache_dir=CACHE_DIR)
-
-
-@pytest.fixture(scope="session")
-def vm_bundle_url(moto) -> str:
-    bucket = f"launch-{uuid.uuid4().hex[:12]}"
-    moto.create_bucket(bucket)
-    pushed = run_cli(
-        "bundle", "push", str(FLOWS_DIR), "--to", f"s3://{bucket}/flows",
-        env={**os.environ, **moto.env()},
-    )  # fmt: skip
-    assert pushed.returncode == 0, pushed.stderr
-    return pushed.stdout.strip()
 
 
 class Pool:
@@ -158,8 +137,8 @@ class Pool:
 
 
 @pytest.fixture
-def pool(prefect_server, moto, client, vm_image, vm_bundle_url, tmp_path) -> Iterator[Pool]:
-    pool = Pool(prefect_server, moto, client, vm_image, vm_bundle_url, tmp_path)
+def pool(prefect_server, moto, client, vm_image, bundle_url, tmp_path) -> Iterator[Pool]:
+    pool = Pool(prefect_server, moto, client, vm_image, bundle_url, tmp_path)
     try:
         yield pool
     finally:
