@@ -13,7 +13,7 @@ ifneq ($(wildcard /etc/ssl/certs/ca-certificates.crt),)
 export NODE_EXTRA_CA_CERTS ?= /etc/ssl/certs/ca-certificates.crt
 endif
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo demo-vm test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ node_modules/.installed: package.json package-lock.json $(VENV)/.installed
 
 demo: install
 	$(PY) -m devtools.demo
+
+# The launch loop: a `vm` pool of the local provider (podman booting the VM image), a
+# real `prefect worker start --type vm`, `prefect deploy` and `prefect deployment run`.
+demo-vm: system-deps install
+	$(PY) -m devtools.demo_vm
 
 # Debian packages for the tests (packer, shellcheck, systemd, podman, runc, skopeo,
 # docker-registry, mmdebstrap), installed when missing; under 2 s when all are there.

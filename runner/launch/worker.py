@@ -250,8 +250,11 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
             },
             "limit": 1,
         }
-        response = await self.client._client.post("/events/filter", json=body)
-        return response.is_success and bool(response.json().get("events"))
+        try:
+            response = await self.client.request("POST", "/events/filter", json=body)
+        except Exception:  # the events API is down or missing: ask again at the next poll
+            return False
+        return bool(response.json().get("events"))
 
     async def _crash(self, flow_run: FlowRun, message: str) -> None:
         self.get_flow_run_logger(flow_run).error(message)
