@@ -224,9 +224,6 @@ class Limits:
 # (the VM images' and the Debian container base's) is 3.11.2.
 _HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
 _FILTER_ERRORS = getattr(tarfile, "FilterError", ())
-# Headers of one member in the tar stream: its own block and a pax or GNU long-name
-# header (records for long names, big sizes, times) of a few blocks more.
-_HEADER_ALLOWANCE = 8 * 512
 
 
 def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
@@ -244,16 +241,16 @@ def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
     partial.mkdir(parents=True)
     checker = _Checker(limits)
     try:
-        with (
-            gzip.open(archive) as inflated,
-            tarfile.open(fileobj=_Inflation(inflated, checker), mode="r:") as tar,
-        ):
-            for member in tar:
-                checker.check(member)
-                if _HAS_DATA_FILTER:
-                    tar.extract(member, partial, filter="data")
-                else:
-                    tar.extract(_as_data(member), partial)
+        with gzip.open(archive) as inflated:
+            stream = _Inflation(inflated)
+            with tarfile.open(fileobj=stream, mode="r:") as tar:
+                for member in tar:
+                    checker.check(member)
+                    stream.passed(member)
+                    if _HAS_DATA_FILTER:
+                        tar.extract(member, partial, filter="data")
+                    else:
+                        tar.extract(_as_data(member), partial)
         shutil.rmtree(dest, ignore_errors=True)  # a retried run extracts afresh
         os.replace(partial, dest)
         return checker.total
@@ -270,36 +267,43 @@ def extract(archive: Path, dest: Path, *, limits: Limits) -> int:
 
 
 class _Inflation:
-    """The inflated tar stream, refused past what the members checked so far account for
-    (their data, their headers) plus a little more for the next header: so neither a
-    member's data nor a header tarfile reads whole into memory (a pax or GNU long-name
-    header can claim gigabytes) can inflate unbounded. Counted on the stream, before
-    each read, whatever the headers say."""
+    """The inflated tar stream, refused past the end of the last checked member's data
+    plus room for the next member's headers: so neither a member's data nor a header
+    tarfile reads whole into memory (a pax or GNU long-name header can claim gigabytes)
+    inflates unbounded. Counted on the stream, before each read, whatever headers say."""
 
     SLACK = 1 << 20  # the next member's headers, read before it can be checked
 
-    def __init__(self, inflated: gzip.GzipFile, checker: _Checker) -> None:
+    def __init__(self, inflated: gzip.GzipFile) -> None:
         self._inflated = inflated
-        self._checker = checker
+        self.checked_end = 0  # where the last checked member's data ends in the stream
 
     def read(self, size: int = -1) -> bytes:
-        end = self._inflated.tell() + size if size >= 0 else None
-        self._within(end)
+        self._within(self._inflated.tell() + size if size >= 0 else None)
         return self._inflated.read(size)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:
             self._within(offset)  # forward seeks inflate too
+        elif whence == io.SEEK_CUR:
+            self._within(self._inflated.tell() + offset)
+        else:
+            self._within(None)  # to the end: the whole stream
         return self._inflated.seek(offset, whence)
 
     def tell(self) -> int:
         return self._inflated.tell()
 
+    def passed(self, member: tarfile.TarInfo) -> None:
+        """``member`` passed the checks: the stream may go on to the end of its data."""
+        data = member.size if member.isreg() else 0  # only regular members carry data
+        self.checked_end = member.offset_data + -(-data // 512) * 512
+
     def _within(self, end: int | None) -> None:
-        allowed = self._checker.stream_bytes + self.SLACK
+        allowed = self.checked_end + self.SLACK
         if end is None or end > allowed:
             raise BundleError(
-                f"bundle inflates to more than its members account for (refused at "
+                f"bundle inflates past what its members account for (refused at "
                 f"{self._inflated.tell()} of at most {allowed} bytes; a compression bomb?); "
                 "it is not an archive `bundle push` made"
             )
@@ -321,8 +325,6 @@ class _Checker:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.total = 0
-        # The tar stream the checked members make up: data in 512-byte blocks, headers.
-        self.stream_bytes = 0
         self._count = 0
         self._seen: set[str] = set()
         self._symlinks: set[str] = set()
@@ -368,9 +370,7 @@ class _Checker:
 
     def _within_limits(self, member: tarfile.TarInfo) -> None:
         self._count += 1
-        data = member.size if member.isreg() else 0  # only regular members carry data
-        self.total += data
-        self.stream_bytes += -(-data // 512) * 512 + _HEADER_ALLOWANCE
+        self.total += member.size if member.isreg() else 0
         if self._count > self.limits.max_files:
             raise BundleError(
                 f"bundle has more than {self.limits.max_files} members (stopped at "

@@ -272,6 +272,7 @@ def _crash_unclaimed(error: user_data.UserDataError) -> None:
     for key, value in error.values.items():  # the file's good lines: its API URL and key
         if key.startswith("PREFECT_"):
             os.environ.setdefault(key, value)
+    redaction.watch(error.values.get("RUNNER_SECRET_ENV"))  # the key is masked from here on
     try:
         from runner.prefect_api import PrefectApi
 

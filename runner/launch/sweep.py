@@ -11,25 +11,39 @@ from datetime import datetime, timezone
 
 from runner.bootstrap_api import BootstrapApi
 from runner.errors import FlowRunNotFound
-from runner.launch.providers.base import TAG_FLOW_RUN, TAG_MAX_RUNTIME, Provider, Vm
+from runner.launch.providers.base import (
+    TAG_CLAIM_TIMEOUT,
+    TAG_FLOW_RUN,
+    TAG_MAX_RUNTIME,
+    Provider,
+    Vm,
+)
 
 log = logging.getLogger("runner")
 
 GRACE_SECONDS = 300.0  # after its run ended, a VM's own worker deletes it first
-MAX_RUNTIME_MARGIN_SECONDS = 600.0
+MARGIN_SECONDS = 600.0  # past max_runtime, or claim_timeout, before the sweep steps in
 _FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+_WAITING = {"SCHEDULED", "PENDING"}
 
-StateReader = Callable[[str], "str | None"]
+# A run's state type and since when; None when the run no longer exists.
+RunState = tuple[str, datetime]
+StateReader = Callable[[str], "RunState | None"]
 
 
-def read_state(flow_run_id: str) -> str | None:
-    """The run's state type from the Prefect API; None when the run no longer exists."""
+def read_state(flow_run_id: str) -> RunState | None:
+    """The run's state type and its timestamp, from the Prefect API."""
     with BootstrapApi(uuid.UUID(flow_run_id), api_wait=10.0) as api:
         try:
             state = api.read_flow_run().get("state") or {}
         except FlowRunNotFound:
             return None
-    return state.get("type") or "SCHEDULED"
+    since = state.get("timestamp")
+    when = datetime.fromisoformat(since.replace("Z", "+00:00")) if since else _NEVER
+    return state.get("type") or "SCHEDULED", when
+
+
+_NEVER = datetime.min.replace(tzinfo=timezone.utc)
 
 
 def sweep_pool(
@@ -55,23 +69,36 @@ def sweep_pool(
 
 
 def why_due(vm: Vm, state_of: StateReader, *, grace: float, now: datetime) -> str | None:
-    """Why the sweep deletes ``vm`` now, or None to keep it."""
+    """Why the sweep deletes ``vm`` now, or None to keep it. A VM is left to the worker
+    that started it for ``grace`` (after its run ended, or after it started): that one
+    deletes it first, and reads its console when it stopped too soon."""
     age = (now - vm.created).total_seconds() if vm.created else 0.0
-    if vm.state == "stopped":
-        return "it is powered off (a stopped VM still bills its disk)"
     max_runtime = vm.tags.get(TAG_MAX_RUNTIME)
-    if max_runtime and age > float(max_runtime) + MAX_RUNTIME_MARGIN_SECONDS:
-        return f"it outlived its max runtime ({max_runtime}s) by {MAX_RUNTIME_MARGIN_SECONDS:g}s"
+    if max_runtime and age > float(max_runtime) + MARGIN_SECONDS:
+        return f"it outlived its max runtime ({max_runtime}s) by {MARGIN_SECONDS:g}s"
     run_id = vm.tags.get(TAG_FLOW_RUN)
     if not run_id:
         return None  # not started by a worker; leave it to its owner
-    state = state_of(run_id)
-    if age <= grace:
-        return None
-    if state is None:
+    if vm.state != "stopped" and age <= grace:
+        return None  # young, and running: no need to ask the API
+    run = state_of(run_id)
+    if run is None:
         return f"its flow run {run_id} no longer exists"
+    state, since = run
     if state in _FINAL:
-        return f"its flow run {run_id} is {state.lower()}"
+        if vm.state == "stopped":
+            return f"it is powered off and its flow run {run_id} is {state.lower()}"
+        ended = (now - since).total_seconds()
+        return (
+            f"its flow run {run_id} is {state.lower()} since {ended:.0f}s"
+            if ended > grace
+            else None
+        )
+    if vm.state == "stopped" and age > grace:
+        return f"it is powered off while its flow run {run_id} is {state.lower()}"
+    claim_timeout = vm.tags.get(TAG_CLAIM_TIMEOUT)
+    if state in _WAITING and claim_timeout and age > float(claim_timeout) + MARGIN_SECONDS:
+        return f"it never claimed its flow run {run_id} (claim timeout {claim_timeout}s)"
     return None
 
 
@@ -83,6 +110,7 @@ def sweep_command(pool: str, *, grace: float, say: Callable[[str], None]) -> int
 
     from runner.errors import ConfigError
     from runner.launch.providers import provider_for
+    from runner.launch.worker import VmJobConfiguration, provider_config
 
     with get_client(sync_client=True) as client:
         try:
@@ -92,12 +120,13 @@ def sweep_command(pool: str, *, grace: float, say: Callable[[str], None]) -> int
     if work_pool.type != "vm":
         raise ConfigError(f"work pool {pool!r} is of type {work_pool.type!r}, not 'vm'")
     properties = work_pool.base_job_template.get("variables", {}).get("properties", {})
-    defaults = {name: spec.get("default") for name, spec in properties.items()}
-    provider = provider_for(
-        defaults.get("provider") or "local",
-        region=defaults.get("region"),
-        zone=defaults.get("zone"),
-    )
+    defaults = {
+        name: spec["default"]
+        for name, spec in properties.items()
+        if spec.get("default") is not None and name in VmJobConfiguration.model_fields
+    }
+    configuration = VmJobConfiguration(**defaults)
+    provider = provider_for(configuration.provider, **provider_config(configuration))
     deleted = sweep_pool(provider, pool, read_state, grace=grace, say=say)
     say(f"swept pool {pool}: {len(deleted)} VM(s) deleted")
     return 0

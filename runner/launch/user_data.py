@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from uuid import UUID
+
+# Where the image's unit reads it (images/systemd/prefect-vm-runner.service).
+USER_DATA_FILE = "/etc/prefect-vm-runner/user-data.env"
 
 
 def render(
@@ -41,3 +45,20 @@ def as_env_file(data: Mapping[str, str]) -> str:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         lines.append(f'{key}="{escaped}"\n')
     return "".join(lines)
+
+
+def cloud_config(data: Mapping[str, str]) -> str:
+    """EC2 user-data and Azure custom data: a cloud-init ``#cloud-config`` whose
+    ``write_files`` puts the env file where the unit reads it, 0600 (it holds the API
+    key). Written as JSON, which YAML reads as it is, so no value needs YAML quoting."""
+    document = {
+        "write_files": [
+            {
+                "path": USER_DATA_FILE,
+                "owner": "root:root",
+                "permissions": "0600",
+                "content": as_env_file(data),
+            }
+        ]
+    }
+    return "#cloud-config\n" + json.dumps(document, indent=1) + "\n"

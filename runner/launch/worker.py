@@ -26,7 +26,12 @@ from pydantic import Field, PrivateAttr
 from runner.errors import RunnerError
 from runner.launch import sweep
 from runner.launch.providers import CapacityError, Provider, Vm, VmRequest, provider_for
-from runner.launch.providers.base import TAG_FLOW_RUN, TAG_MAX_RUNTIME, TAG_POOL
+from runner.launch.providers.base import (
+    TAG_CLAIM_TIMEOUT,
+    TAG_FLOW_RUN,
+    TAG_MAX_RUNTIME,
+    TAG_POOL,
+)
 from runner.launch.user_data import render
 
 SpotPolicy = Literal["on-demand", "spot", "spot_with_fallback"]
@@ -36,6 +41,9 @@ CONSOLE_LINES = 20  # of the boot output, in a boot failure's message
 # long the worker deletes it anyway.
 POWEROFF_GRACE_SECONDS = 120.0
 SWEEP_SECONDS = 60.0
+# How long the worker keeps asking while the API or the cloud fails, before it leaves
+# the VM to its runner and the sweep.
+PATIENCE_SECONDS = 900.0
 
 
 class _VmFields(BaseVariables):
@@ -60,11 +68,21 @@ class _VmFields(BaseVariables):
     vm_types: list[str] | None = Field(
         default=None,
         title="VM types",
-        description="Instance types to try, in order; default: the cheapest that meets cpu, "
-        "memory, gpu and arm.",
+        description="Instance types to try, in order (the cloud providers need at least one).",
     )
     region: str | None = Field(default=None, description="The cloud region.")
     zone: str | None = Field(default=None, description="The zone (GCE; AWS subnet's zone).")
+    subnet: str | None = Field(
+        default=None, description="The subnet (AWS subnet id, GCE subnetwork, Azure subnet id)."
+    )
+    security_groups: list[str] | None = Field(
+        default=None, title="Security groups", description="AWS security group ids."
+    )
+    identity: str | None = Field(
+        default=None,
+        description="What the VM runs as: an AWS instance profile (name or ARN), a GCE service "
+        "account, an Azure managed identity. It gives the runner its bucket access.",
+    )
     spot_policy: SpotPolicy = Field(
         default="on-demand",
         title="Spot policy",
@@ -142,7 +160,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
     ) -> VmWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
         try:
-            provider = provider_for(configuration.provider, **_provider_config(configuration))
+            provider = provider_for(configuration.provider, **provider_config(configuration))
             request = self._request(flow_run, configuration)
             vm = await anyio.to_thread.run_sync(_launch, provider, request, configuration, logger)
         except RunnerError as exc:  # bad input or no capacity anywhere: one line, Crashed
@@ -155,9 +173,13 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
             task_status.started(vm.id)
         try:
             await self._wait_for_the_vm(flow_run, configuration, provider, vm, logger)
-        finally:
-            await anyio.to_thread.run_sync(provider.delete, vm.id)
-            logger.info("VM %s deleted", vm.id)
+        except anyio.get_cancelled_exc_class():
+            # The worker is stopping (a restart, a deploy): the flow goes on in its VM,
+            # which powers itself off; the sweep of any worker of the pool removes it.
+            logger.info("worker stopping: VM %s is left to finish its run", vm.id)
+            raise
+        await anyio.to_thread.run_sync(provider.delete, vm.id)
+        logger.info("VM %s deleted", vm.id)
         return VmWorkerResult(identifier=vm.id, status_code=0)
 
     def _request(self, flow_run: FlowRun, configuration: VmJobConfiguration) -> VmRequest:
@@ -178,6 +200,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
         }
         if configuration.max_runtime:
             tags[TAG_MAX_RUNTIME] = str(configuration.max_runtime)
+        tags[TAG_CLAIM_TIMEOUT] = str(configuration.claim_timeout)
         return VmRequest(
             # Unique per attempt: a rescheduled run (a preemption) gets a VM of its own.
             name=f"prefect-vm-{flow_run.id.hex[:12]}-{secrets.token_hex(3)}",
@@ -189,6 +212,8 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
             disk_size_gb=configuration.disk_size,
             cpu=configuration.cpu,
             memory_gib=configuration.memory,
+            gpu=configuration.gpu,
+            arm=configuration.arm,
         )
 
     async def _wait_for_the_vm(
@@ -205,12 +230,22 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
         started = time.monotonic()
         claimed = False
         final_since: float | None = None
+        failing_since: float | None = None
         while True:
-            vm = await anyio.to_thread.run_sync(provider.describe, vm.id)
-            if vm.state in ("stopped", "gone"):
-                break
-            state = (await self.client.read_flow_run(flow_run.id)).state
-            claimed = claimed or await self._claimed(flow_run.id, state)
+            try:
+                vm = await anyio.to_thread.run_sync(provider.describe, vm.id)
+                if vm.state in ("stopped", "gone"):
+                    break
+                state = (await self.client.read_flow_run(flow_run.id)).state
+                claimed = claimed or await self._claimed(flow_run.id, state)
+            except Exception as exc:  # the API or the cloud hiccupped: the VM goes on
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > PATIENCE_SECONDS:
+                    raise  # left to the sweep: the VM and the run go on without us
+                logger.warning("could not check on VM %s (will again): %s", vm.id, exc)
+                await anyio.sleep(POLL_SECONDS)
+                continue
+            failing_since = None
             now = time.monotonic()
             if not claimed and now - started > configuration.claim_timeout:
                 console = await anyio.to_thread.run_sync(provider.console, vm.id)
@@ -231,7 +266,8 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
                     return
             await anyio.sleep(POLL_SECONDS)
         state = (await self.client.read_flow_run(flow_run.id)).state
-        if state is None or not (state.is_final() or state.is_scheduled()):
+        # Scheduled: a preemption rescheduled it; Cancelling: Prefect cancels it itself.
+        if state is None or not (state.is_final() or state.is_scheduled() or state.is_cancelling()):
             console = await anyio.to_thread.run_sync(provider.console, vm.id)
             await self._crash(
                 flow_run,
@@ -243,9 +279,9 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
         """Whether a runner took the run: it left Pending, or a runner said it claimed it."""
         if state is not None and not state.is_pending() and not state.is_scheduled():
             return True
-        body = {
+        body = {  # any sign of a runner at work on it: a phase, a heartbeat
             "filter": {
-                "event": {"name": ["runner.phase.claimed"]},
+                "event": {"prefix": ["runner.phase.", "prefect.flow-run.heartbeat"]},
                 "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
             },
             "limit": 1,
@@ -267,7 +303,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
     ) -> None:
         """A cancel: the runner in the VM ends the run and powers off; after the grace
         period the VM is deleted whatever it does."""
-        provider = provider_for(configuration.provider, **_provider_config(configuration))
+        provider = provider_for(configuration.provider, **provider_config(configuration))
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline:
             vm = await anyio.to_thread.run_sync(provider.describe, infrastructure_pid)
@@ -284,7 +320,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
                 configuration = await VmJobConfiguration.from_template_and_values(
                     self.work_pool.base_job_template, {}, client=self.client
                 )
-                provider = provider_for(configuration.provider, **_provider_config(configuration))
+                provider = provider_for(configuration.provider, **provider_config(configuration))
                 await anyio.to_thread.run_sync(
                     functools.partial(
                         sweep.sweep_pool,
@@ -299,9 +335,15 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
         return await super().get_and_submit_flow_runs()
 
 
-def _provider_config(configuration: VmJobConfiguration) -> dict[str, Any]:
+def provider_config(configuration: VmJobConfiguration) -> dict[str, Any]:
     """What a provider is made from: where, not what (that is per VM, in the request)."""
-    return {"region": configuration.region, "zone": configuration.zone}
+    return {
+        "region": configuration.region,
+        "zone": configuration.zone,
+        "subnet": configuration.subnet,
+        "security_groups": configuration.security_groups,
+        "identity": configuration.identity,
+    }
 
 
 def _launch(

@@ -116,13 +116,16 @@ def read(path: Path) -> UserData:
         line = binding.original.line + original[: len(original) - len(original.lstrip())].count(
             "\n"
         )
-        if binding.error:
+        if binding.key is None and not binding.error:
+            continue  # a comment or blank line
+        if binding.error or binding.value is None:  # unparsable, or a bare word
             problem = problem or (
                 f"user-data file {path}, line {line}: not a KEY=VALUE line (systemd "
                 "EnvironmentFile syntax: one variable per line, '#' comments)"
             )
-        elif binding.key is not None and binding.value is not None:
-            if binding.key.startswith("RUNNER_") and binding.key not in _SETTINGS_KEYS:
+        else:
+            key = binding.key.upper()  # settings match names in any case
+            if key.startswith("RUNNER_") and key not in _SETTINGS_KEYS:
                 problem = problem or (
                     f"user-data file {path}, line {line}: unknown setting {binding.key} "
                     "(python -m runner --help lists every RUNNER_ variable)"
@@ -141,6 +144,10 @@ def _invalid(exc: ValidationError, path: Path, data: UserData) -> ConfigError:
         line = data.lines.get(key)
         if line is not None and os.environ.get(key) == data.values.get(key):
             problems.append(f"user-data file {path}, line {line}: {key}: {error['msg']}")
+        elif not name and any(k.upper().startswith("RUNNER_") for k in data.values):
+            # A rule across settings (--on-exit command needs its command): the file
+            # set some of them.
+            problems.append(f"user-data file {path}: {error['msg']}")
         else:
             problems.append(f"{name or 'settings'}: {error['msg']}")
     message = "; ".join(problems)

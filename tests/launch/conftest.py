@@ -26,22 +26,30 @@ POOL_LABEL = "prefect-vm-runner-pool"
 class Pool:
     """A vm work pool of the local provider, its worker process, and its deployments."""
 
-    def __init__(self, server, moto, client, image: str, bundle_url: str, tmp: Path) -> None:
+    def __init__(
+        self,
+        server,
+        client,
+        bundle_url: str,
+        tmp: Path,
+        *,
+        variables: dict[str, object],
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
+        """``variables``: the pool's defaults (machine_image, env, provider...);
+        ``worker_env``: more environment for the worker process (a cloud's endpoint)."""
         self.server, self.client, self.bundle_url = server, client, bundle_url
         self.name = f"vms-{uuid.uuid4().hex[:8]}"
         self.log_path = tmp / f"{self.name}-worker.log"
+        self.worker_env = worker_env or {}
         self._worker: subprocess.Popen[bytes] | None = None
         from prefect.client.schemas.actions import WorkPoolCreate
 
         from runner.launch.worker import VmWorker
 
         template = VmWorker.get_default_base_job_template()
-        defaults = template["variables"]["properties"]
-        defaults["machine_image"]["default"] = image
-        # What the VM needs here: the bundle's S3 (moto), no cloud metadata on loopback.
-        defaults["env"]["default"] = {
-            **moto.env(), "RUNNER_CLOUD": "none", "RUNNER_HEARTBEAT_SECONDS": "2",
-        }  # fmt: skip
+        for name, value in variables.items():
+            template["variables"]["properties"][name]["default"] = value
         client.create_work_pool(
             WorkPoolCreate(name=self.name, type="vm", base_job_template=template)
         )
@@ -52,7 +60,7 @@ class Pool:
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.name,
              "--type", "vm", "--name", f"{self.name}-worker"],
             env={**os.environ, **self.server.env(), "PREFECT_WORKER_QUERY_SECONDS": "1",
-                 "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"},
+                 "PREFECT_WORKER_HEARTBEAT_SECONDS": "5", **self.worker_env},
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
@@ -111,7 +119,24 @@ class Pool:
         return run
 
     def vms(self) -> list[str]:
-        """The names of the pool's containers that exist, running or not."""
+        """The pool's VMs that exist, running or not (the provider's own listing)."""
+        raise NotImplementedError
+
+    def wait_no_vms(self, timeout: float = 60) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while (left := self.vms()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return left
+
+    def close(self) -> None:
+        self.stop_worker()
+        self.worker_log()
+
+
+class LocalPool(Pool):
+    """A pool of the local provider: its VMs are podman containers."""
+
+    def vms(self) -> list[str]:
         return sorted(self.vm_states())
 
     def vm_states(self) -> dict[str, str]:
@@ -123,22 +148,20 @@ class Pool:
         )  # fmt: skip
         return {c["Names"][0]: c["State"] for c in json.loads(done.stdout or "[]")}
 
-    def wait_no_vms(self, timeout: float = 60) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while (left := self.vms()) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return left
-
     def close(self) -> None:
-        self.stop_worker()
+        super().close()
         for name in self.vms():
             subprocess.run(["podman", "rm", "--force", "--time", "0", name], check=False)
-        self.worker_log()
 
 
 @pytest.fixture
-def pool(prefect_server, moto, client, vm_image, bundle_url, tmp_path) -> Iterator[Pool]:
-    pool = Pool(prefect_server, moto, client, vm_image, bundle_url, tmp_path)
+def pool(prefect_server, moto, client, vm_image, bundle_url, tmp_path) -> Iterator[LocalPool]:
+    # What the VM needs here: the bundle's S3 (moto), no cloud metadata on loopback.
+    env = {**moto.env(), "RUNNER_CLOUD": "none", "RUNNER_HEARTBEAT_SECONDS": "2"}
+    pool = LocalPool(
+        prefect_server, client, bundle_url, tmp_path,
+        variables={"machine_image": vm_image, "env": env},
+    )  # fmt: skip
     try:
         yield pool
     finally:

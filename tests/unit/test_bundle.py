@@ -275,3 +275,52 @@ def test_without_pep706_filters_members_are_made_data_by_hand():
     shared_dir = _member("pkg", tarfile.DIRTYPE)
     shared_dir.mode = 0o777
     assert _as_data(shared_dir).mode == 0o755
+
+
+def _pax_bomb_after(tmp_path: Path, empty_members: int, header_bytes: int) -> Path:
+    """``empty_members`` empty files, then a pax header claiming ``header_bytes`` (zeros),
+    which tarfile would read whole into memory before it could be checked."""
+    import gzip
+
+    out = io.BytesIO()
+    for index in range(empty_members):
+        out.write(tarfile.TarInfo(f"e{index}").tobuf(format=tarfile.GNU_FORMAT))
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, header_bytes
+    out.write(pax.tobuf(format=tarfile.GNU_FORMAT))
+    out.write(b"\0" * (header_bytes + 1024))
+    path = tmp_path / "bomb.tar.gz"
+    path.write_bytes(gzip.compress(out.getvalue(), compresslevel=1))
+    return path
+
+
+@pytest.mark.parametrize("empty_members", [0, 3000])
+def test_a_header_bomb_is_refused_before_it_is_read(tmp_path, empty_members):
+    """Many small members before it earn the header no room (the allowance is per member,
+    not summed over the members before)."""
+    bomb = _pax_bomb_after(tmp_path, empty_members, header_bytes=12 * 1024 * 1024)
+    dest = tmp_path / "code"
+    with pytest.raises(BundleError, match="inflates past what its members account for"):
+        extract(bomb, dest, limits=Limits(max_bytes=10**9, max_files=10**6))
+    assert not dest.exists() and not dest.with_name("code.partial").exists()
+
+
+def test_long_names_and_many_members_extract(tmp_path):
+    """What the stream bound must let through: pax headers for long paths, thousands of
+    members, directories and symlinks."""
+    src = tmp_path / "src"
+    deep = src / "/".join(["d" * 200] * 10)  # a 2,000-character path: pax headers
+    deep.mkdir(parents=True)
+    (deep / ("f" * 200 + ".py")).write_text("x = 1\n")
+    for index in range(3000):
+        (src / f"m{index}.txt").write_text(str(index))
+    (src / "link").symlink_to("m1.txt")
+    out = tmp_path / "out"
+    out.mkdir()
+    built = build(src, out)
+    dest = tmp_path / "code"
+
+    extract(built.path, dest, limits=Limits(max_bytes=10**8, max_files=10**4))
+
+    assert (dest / deep.relative_to(src) / ("f" * 200 + ".py")).read_text() == "x = 1\n"
+    assert (dest / "m2999.txt").read_text() == "2999" and (dest / "link").read_text() == "1"

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from runner.launch.providers.base import TAG_FLOW_RUN, TAG_MAX_RUNTIME, Vm
+from runner.launch.providers.base import TAG_CLAIM_TIMEOUT, TAG_FLOW_RUN, TAG_MAX_RUNTIME, Vm
 from runner.launch.sweep import why_due
 from runner.launch.user_data import as_env_file, render
 from runner.launch.worker import VmJobConfiguration, _candidates
@@ -37,22 +37,39 @@ def _vm(state="running", age=3600.0, **tags: str) -> Vm:
     return Vm("vm-1", state, tags={TAG_FLOW_RUN: RUN, **tags}, created=NOW - timedelta(seconds=age))
 
 
+def _run(state: str, ended_ago: float = 3600.0):
+    return (state, NOW - timedelta(seconds=ended_ago))
+
+
 @pytest.mark.parametrize(
-    ("vm", "run_state", "due"),
+    ("vm", "run", "due"),
     [
-        (_vm(), "RUNNING", None),
-        (_vm(), "COMPLETED", "is completed"),
+        (_vm(), _run("RUNNING"), None),
+        (_vm(), _run("COMPLETED"), "is completed since 3600s"),
+        (_vm(), _run("COMPLETED", ended_ago=60), None),  # its worker is still on it
         (_vm(), None, "no longer exists"),
-        (_vm(age=60), "COMPLETED", None),  # its own worker deletes it first
-        (_vm(state="stopped", age=10), "RUNNING", "powered off"),
-        (_vm(**{TAG_MAX_RUNTIME: "600"}, age=1300), "RUNNING", "outlived its max runtime"),
-        (_vm(**{TAG_MAX_RUNTIME: "600"}, age=1100), "RUNNING", None),
-        (Vm("other", "running", tags={}, created=NOW - timedelta(days=1)), "COMPLETED", None),
+        (_vm(age=60), _run("COMPLETED"), None),  # young: left to its worker
+        (_vm(state="stopped", age=10), _run("COMPLETED", ended_ago=5), "powered off and"),
+        (_vm(state="stopped", age=10), _run("RUNNING"), None),  # its worker reads its console
+        (_vm(state="stopped"), _run("RUNNING"), "powered off while"),
+        (_vm(**{TAG_MAX_RUNTIME: "600"}, age=1300), _run("RUNNING"), "outlived its max runtime"),
+        (_vm(**{TAG_MAX_RUNTIME: "600"}, age=1100), _run("RUNNING"), None),
+        (_vm(**{TAG_CLAIM_TIMEOUT: "600"}, age=1300), _run("PENDING"), "never claimed"),
+        (_vm(**{TAG_CLAIM_TIMEOUT: "600"}, age=1100), _run("PENDING"), None),
+        (Vm("other", "running", tags={}, created=NOW - timedelta(days=1)), _run("FAILED"), None),
     ],
 )
-def test_what_the_sweep_deletes(vm, run_state, due):
-    reason = why_due(vm, lambda run_id: run_state, grace=300, now=NOW)
-    assert (reason is None) if due is None else (due in reason)
+def test_what_the_sweep_deletes(vm, run, due):
+    asked = []
+
+    def state_of(run_id):
+        asked.append(run_id)
+        return run
+
+    reason = why_due(vm, state_of, grace=300, now=NOW)
+    assert (reason is None) if due is None else (due in reason), reason
+    if vm.state == "running" and (NOW - vm.created).total_seconds() <= 300:
+        assert asked == []  # a young running VM costs no API call
 
 
 def test_the_user_data_reads_back_as_the_runner_reads_it(tmp_path):

@@ -29,6 +29,8 @@ def test_variables_and_their_lines_past_comments_and_blank_lines(tmp_path):
     ("text", "problem"),
     [
         (b"A=1\n\n# c\nnot a variable\n", "line 4: not a KEY=VALUE line"),
+        (b"A=1\nRUNNER_ON_EXIT\n", "line 2: not a KEY=VALUE line"),  # a bare (truncated) word
+        (b"runner_heartbeat_second=5\n", "line 1: unknown setting runner_heartbeat_second"),
         (b"RUNNER_FLOW_RUN_ID=x\nRUNNER_NOPE=1\n", "line 2: unknown setting RUNNER_NOPE"),
         (b"A=1\nB=caf\xe9\n", "line 2: byte 0xe9 is not UTF-8"),
         # The first problem is the one reported.

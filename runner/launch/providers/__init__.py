@@ -14,6 +14,7 @@ __all__ = ["PROVIDERS", "CapacityError", "Provider", "Vm", "VmRequest", "provide
 # Dotted paths, so that the local provider never imports a cloud SDK.
 PROVIDERS: dict[str, str] = {
     "local": "runner.launch.providers.local:from_config",
+    "aws": "runner.launch.providers.aws:from_config",
 }
 
 

@@ -13,6 +13,7 @@ from runner.errors import BootstrapError
 TAG_POOL = "prefect-vm-runner-pool"
 TAG_FLOW_RUN = "prefect-vm-runner-flow-run"
 TAG_MAX_RUNTIME = "prefect-vm-runner-max-runtime"
+TAG_CLAIM_TIMEOUT = "prefect-vm-runner-claim-timeout"
 
 VmState = Literal["starting", "running", "stopped", "gone"]
 
@@ -34,6 +35,8 @@ class VmRequest:
     disk_size_gb: int | None = None
     cpu: float | None = None  # local only: the container's limits
     memory_gib: float | None = None
+    gpu: bool = False  # what the type must have; local refuses both
+    arm: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,14 @@ import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 from runner.errors import BootstrapError, ConfigError, output_tail
 from runner.launch.providers.base import TAG_POOL, Vm, VmRequest
-from runner.launch.user_data import as_env_file
+from runner.launch.user_data import USER_DATA_FILE, as_env_file
 
-# Where cloud-init writes the runner's user-data on a real VM (images/README.md).
-USER_DATA_FILE = "/etc/prefect-vm-runner/user-data.env"
 # podman's flags for a container booted as a VM: runc and ulimits these machines accept,
 # the host's network (the "VM" reaches a local Prefect server), systemd as init, and a
 # console (the tty) for `podman logs` to give as the boot output.
@@ -27,6 +26,7 @@ _BOOT_FLAGS = (
     "--systemd=always",
     "--tty",
 )
+_PODMAN_TIMEOUT = 120
 _STATES = {"created": "starting", "configured": "starting", "running": "running"}
 
 
@@ -38,9 +38,11 @@ class LocalProvider:
         found = podman or shutil.which("podman")
         if found is None:
             raise ConfigError("the local provider needs podman: apt-get install podman runc")
-        self._podman = found
+        self._podman_path = found
 
     def create(self, request: VmRequest) -> Vm:
+        if request.gpu or request.arm:
+            raise ConfigError("the local provider cannot choose a GPU or an ARM machine")
         if not request.machine_image:
             raise ConfigError(
                 "the local provider needs machine_image: the VM image's podman tag "
@@ -84,9 +86,7 @@ class LocalProvider:
         self._podman_out("rm", "--force", "--time", "0", vm_id)
 
     def console(self, vm_id: str) -> str:
-        done = subprocess.run(
-            [self._podman, "logs", vm_id], capture_output=True, text=True, check=False
-        )
+        done = self._podman(["logs", vm_id])
         return done.stdout + done.stderr
 
     def list(self, pool: str) -> list[Vm]:
@@ -102,14 +102,14 @@ class LocalProvider:
         with tempfile.TemporaryDirectory(prefix="vm-user-data-") as tmp:
             path = Path(tmp) / "user-data.env"
             path.touch(mode=0o600)
-            path.write_text(as_env_file(request.user_data))
+            path.write_text(as_env_file(request.user_data), encoding="utf-8")
             self._podman_run(
                 "cp", str(path), f"{request.name}:{USER_DATA_FILE}",
                 doing=f"writing the user-data of VM {request.name}",
             )  # fmt: skip
 
     def _podman_run(self, *args: str, doing: str) -> None:
-        done = subprocess.run([self._podman, *args], capture_output=True, text=True, check=False)
+        done = self._podman(args)
         if done.returncode != 0:
             tail = output_tail(done.stdout + done.stderr, 3)
             if "image not known" in tail or "no such image" in tail.lower():
@@ -117,9 +117,27 @@ class LocalProvider:
             raise BootstrapError(f"{doing}: podman failed: {tail}")
 
     def _podman_out(self, *args: str) -> str | None:
-        """The command's output, or None when it failed (the container does not exist)."""
-        done = subprocess.run([self._podman, *args], capture_output=True, text=True, check=False)
-        return done.stdout if done.returncode == 0 else None
+        """The command's output; None when the container does not exist; BootstrapError
+        for any other failure (podman's storage locked, say: not a sign the VM is gone)."""
+        done = self._podman(args)
+        if done.returncode == 0:
+            return done.stdout
+        message = done.stdout + done.stderr
+        if "no such container" in message.lower() or "no such object" in message.lower():
+            return None
+        raise BootstrapError(f"podman {args[0]} failed: {output_tail(message, 3)}")
+
+    def _podman(self, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                [self._podman_path, *args],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=_PODMAN_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise BootstrapError(f"podman {args[0]} did not answer in {_PODMAN_TIMEOUT}s") from None
 
 
 def parse_podman_time(value: str) -> datetime:

@@ -1,0 +1,230 @@
+"""The ``aws`` provider: EC2 instances from the runner's AMI, launched to terminate on
+poweroff (so the runner's poweroff leaves nothing billed), found again by their tags."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from runner.errors import BootstrapError, ConfigError
+from runner.launch.providers.base import TAG_POOL, CapacityError, Vm, VmRequest
+from runner.launch.user_data import cloud_config
+
+# EC2's answers that mean "not now, not this type or market": try the next candidate.
+CAPACITY_ERRORS = {
+    "InsufficientInstanceCapacity",
+    "MaxSpotInstanceCountExceeded",
+    "SpotMaxPriceTooLow",
+    "InsufficientCapacity",
+    "Unsupported",  # this type in this zone, or on the spot market
+}
+_BAD_INPUT = {
+    "InvalidAMIID.NotFound": "the machine image {image} does not exist in {region}",
+    "InvalidAMIID.Malformed": "{image} is not an AMI id",
+    "InvalidParameterValue": "EC2 refused the request",
+    "InvalidInstanceType": "there is no instance type {vm_type} in {region}",
+    "InvalidSubnetID.NotFound": "the subnet does not exist",
+    "InvalidGroup.NotFound": "a security group does not exist",
+    "AuthFailure": "AWS refused the credentials",
+    "UnauthorizedOperation": "the credentials may not do this",
+}
+_STATES = {
+    "pending": "starting",
+    "running": "running",
+    "stopping": "stopped",
+    "stopped": "stopped",
+    "shutting-down": "gone",
+    "terminated": "gone",
+}
+
+
+class AwsProvider:
+    """EC2 in one region, through boto3 (credentials from its usual chain: the worker's
+    instance role, environment, profile; ``AWS_ENDPOINT_URL`` points it elsewhere)."""
+
+    def __init__(
+        self,
+        *,
+        region: str | None = None,
+        subnet: str | None = None,
+        security_groups: Sequence[str] | None = None,
+        identity: str | None = None,
+        ec2: Any | None = None,
+        **_: object,
+    ) -> None:
+        if ec2 is None:
+            try:
+                import boto3
+            except ImportError:
+                raise ConfigError(
+                    "the aws provider needs boto3: pip install 'prefect-vm-runner[launch-aws]'"
+                ) from None
+            from botocore.config import Config
+
+            # Few retries: a capacity error is answered by trying the next candidate.
+            config = Config(retries={"max_attempts": 3, "mode": "standard"})
+            ec2 = boto3.client("ec2", region_name=region, config=config)
+        self._ec2 = ec2
+        self._region = ec2.meta.region_name
+        self._subnet = subnet
+        self._security_groups = list(security_groups or [])
+        self._identity = identity
+        self._known_types: set[str] = set()
+
+    def create(self, request: VmRequest) -> Vm:
+        if not request.machine_image:
+            raise ConfigError("the aws provider needs machine_image: the runner's AMI id")
+        if not request.vm_type:
+            raise ConfigError("the aws provider needs an instance type (vm_types)")
+        root_device = self._root_device(request.machine_image)  # and: the AMI exists here
+        self._check_type(request.vm_type)
+        tags = [{"Key": key, "Value": value} for key, value in request.tags.items()]
+        tags.append({"Key": "Name", "Value": request.name})
+        params: dict[str, Any] = {
+            "ImageId": request.machine_image,
+            "InstanceType": request.vm_type,
+            "MinCount": 1,
+            "MaxCount": 1,
+            "UserData": cloud_config(request.user_data),
+            # The runner powers the VM off at the end: that terminates it, disks and all.
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": tags},
+                {"ResourceType": "volume", "Tags": tags},
+            ],
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        }
+        if request.spot:
+            params["InstanceMarketOptions"] = {
+                "MarketType": "spot",
+                "SpotOptions": {
+                    "SpotInstanceType": "one-time",
+                    "InstanceInterruptionBehavior": "terminate",
+                },
+            }
+        if self._subnet:
+            params["SubnetId"] = self._subnet
+        if self._security_groups:
+            params["SecurityGroupIds"] = self._security_groups
+        if self._identity:
+            key = "Arn" if self._identity.startswith("arn:") else "Name"
+            params["IamInstanceProfile"] = {key: self._identity}
+        if request.disk_size_gb:
+            params["BlockDeviceMappings"] = [
+                {
+                    "DeviceName": root_device,
+                    "Ebs": {"VolumeSize": request.disk_size_gb, "DeleteOnTermination": True},
+                }
+            ]
+        with self._errors(f"starting {request.vm_type}", image=request.machine_image):
+            instance = self._ec2.run_instances(**params)["Instances"][0]
+        return _vm(instance)
+
+    def describe(self, vm_id: str) -> Vm:
+        try:
+            with self._errors(f"describing {vm_id}"):
+                reservations = self._ec2.describe_instances(InstanceIds=[vm_id])["Reservations"]
+        except ConfigError as exc:
+            if "InvalidInstanceID" in str(exc):
+                return Vm(vm_id, "gone")
+            raise
+        instances = [i for r in reservations for i in r["Instances"]]
+        return _vm(instances[0]) if instances else Vm(vm_id, "gone")
+
+    def delete(self, vm_id: str) -> None:
+        try:
+            with self._errors(f"terminating {vm_id}"):
+                self._ec2.terminate_instances(InstanceIds=[vm_id])
+        except ConfigError as exc:
+            if "InvalidInstanceID" not in str(exc):  # gone already: nothing to delete
+                raise
+
+    def console(self, vm_id: str) -> str:
+        try:
+            with self._errors(f"reading the console of {vm_id}"):
+                output = self._ec2.get_console_output(InstanceId=vm_id, Latest=True)
+        except RuntimeError:
+            return ""
+        return _text(output.get("Output") or "")
+
+    def list(self, pool: str) -> list[Vm]:
+        filters = [
+            {"Name": f"tag:{TAG_POOL}", "Values": [pool]},
+            {
+                "Name": "instance-state-name",
+                "Values": ["pending", "running", "stopping", "stopped"],
+            },
+        ]
+        vms = []
+        with self._errors(f"listing the VMs of pool {pool}"):
+            for page in self._ec2.get_paginator("describe_instances").paginate(Filters=filters):
+                vms.extend(_vm(i) for r in page["Reservations"] for i in r["Instances"])
+        return vms
+
+    def _root_device(self, image_id: str) -> str:
+        """The AMI's root device name; ConfigError when the AMI is not in this region."""
+        with self._errors("reading the machine image", image=image_id):
+            images = self._ec2.describe_images(ImageIds=[image_id])["Images"]
+        if not images:
+            raise ConfigError(f"the machine image {image_id} does not exist in {self._region}")
+        return images[0].get("RootDeviceName") or "/dev/xvda"
+
+    def _check_type(self, vm_type: str) -> None:
+        """ConfigError for a type this region does not have (once per type): a typo in
+        vm_types is not a capacity problem to fall back from."""
+        if vm_type in self._known_types:
+            return
+        with self._errors(f"checking instance type {vm_type}", vm_type=vm_type):
+            self._ec2.describe_instance_types(InstanceTypes=[vm_type])
+        self._known_types.add(vm_type)
+
+    @contextmanager
+    def _errors(self, doing: str, *, image: str = "", vm_type: str = "") -> Iterator[None]:
+        """botocore's errors as the runner's: capacity, bad input, or a failure."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            yield
+        except NoCredentialsError:
+            raise ConfigError(
+                f"{doing}: no AWS credentials (an instance role, AWS_ACCESS_KEY_ID, a profile)"
+            ) from None
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code, message = error.get("Code", ""), error.get("Message", "")
+            if code in CAPACITY_ERRORS:
+                raise CapacityError(f"{code}: {message}") from None
+            if code in _BAD_INPUT or code.startswith("InvalidInstanceID"):
+                why = _BAD_INPUT.get(code, "no such instance").format(
+                    image=image, vm_type=vm_type, region=self._region
+                )
+                raise ConfigError(f"{doing}: {why} ({code}: {message})") from None
+            raise BootstrapError(f"{doing}: EC2 failed: {code}: {message}") from None
+        except BotoCoreError as exc:
+            raise BootstrapError(f"{doing}: {exc}") from None
+
+
+def _vm(instance: dict[str, Any]) -> Vm:
+    tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
+    return Vm(
+        instance["InstanceId"],
+        _STATES.get(instance["State"]["Name"], "running"),  # type: ignore[arg-type]
+        tags=tags,
+        created=instance.get("LaunchTime"),
+        vm_type=instance.get("InstanceType", ""),
+        spot=instance.get("InstanceLifecycle") == "spot",
+    )
+
+
+def _text(output: str) -> str:
+    """EC2 console output: base64 text where the SDK did not decode it."""
+    try:
+        return base64.b64decode(output, validate=True).decode(errors="replace")
+    except ValueError:
+        return output
+
+
+def from_config(**config: Any) -> AwsProvider:
+    return AwsProvider(**config)

@@ -1,0 +1,282 @@
+"""The `vm` worker on the aws provider, against moto's EC2 (the real boto3, a real worker
+process). EC2 starts no machines: a simulator plays them, reading each new instance's
+user-data back from moto, running the runner with it as the image's unit would, and
+terminating the instance when the runner tears down, as the VM's poweroff does."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from devtools.fault_proxy import FaultProxy, ec2_error
+from runner.launch.providers.base import TAG_FLOW_RUN, TAG_POOL
+from tests.helpers import run_cli
+from tests.launch.conftest import Pool
+from tests.planted import record
+
+TYPES = ["m6i.large", "m6i.xlarge"]
+TERMINATE = (
+    "import boto3, os; "
+    "boto3.client('ec2').terminate_instances(InstanceIds=[os.environ['SIMULATED_VM_ID']])"
+)
+
+
+def _ec2(moto, endpoint: str | None = None):
+    env = moto.env()
+    return boto3.client(
+        "ec2",
+        region_name=env["AWS_DEFAULT_REGION"],
+        endpoint_url=endpoint or env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+class SimulatedVms:
+    """Boots each pending instance of the pool: its runner runs with the user-data EC2
+    holds, and ends by terminating the instance (the image's poweroff, with
+    InstanceInitiatedShutdownBehavior=terminate)."""
+
+    def __init__(self, moto, pool: str, workdir: Path) -> None:
+        self.ec2, self.moto, self.pool, self.workdir = _ec2(moto), moto, pool, workdir
+        self.user_data: dict[str, str] = {}  # instance id -> the cloud-config EC2 kept
+        self.errors: list[BaseException] = []
+        self._runners: list[subprocess.Popen[bytes]] = []
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._boot_new_instances, daemon=True)
+
+    def __enter__(self) -> SimulatedVms:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for runner in self._runners:
+            try:
+                runner.wait(timeout=30)  # its teardown: the instance terminated
+            except subprocess.TimeoutExpired:
+                runner.kill()
+                runner.wait()
+        for log in self.workdir.glob("*.log"):
+            record(log.read_text(errors="replace"))
+        assert not self.errors, self.errors
+
+    def _boot_new_instances(self) -> None:
+        try:
+            self._poll()
+        except BaseException as exc:  # surfaced by __exit__
+            self.errors.append(exc)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.3):
+            filters = [
+                {"Name": f"tag:{TAG_POOL}", "Values": [self.pool]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ]
+            reservations = self.ec2.describe_instances(Filters=filters)["Reservations"]
+            for instance in (i for r in reservations for i in r["Instances"]):
+                if instance["InstanceId"] not in self.user_data:
+                    self._boot(instance["InstanceId"])
+
+    def _boot(self, instance_id: str) -> None:
+        raw = self.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        cloud_config = base64.b64decode(raw["UserData"]["Value"]).decode()
+        self.user_data[instance_id] = cloud_config
+        assert cloud_config.startswith("#cloud-config\n")
+        [entry] = json.loads(cloud_config.split("\n", 1)[1])["write_files"]
+        env_file = self.workdir / f"{instance_id}.env"
+        env_file.write_text(entry["content"])
+        log = (self.workdir / f"{instance_id}.log").open("wb")
+        self._runners.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "runner",
+                    "--user-data-file",
+                    str(env_file),
+                    "--workdir",
+                    str(self.workdir / instance_id),
+                    "--on-exit",
+                    "command",
+                    "--on-exit-command",
+                    f'{sys.executable} -c "{TERMINATE}"',
+                ],
+                env={**os.environ, **self.moto.env(), "SIMULATED_VM_ID": instance_id},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        )
+
+
+class AwsPool(Pool):
+    def __init__(self, *args, moto, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ec2 = _ec2(moto)
+
+    def instances(self, *states: str) -> list[dict]:
+        filters = [{"Name": f"tag:{TAG_POOL}", "Values": [self.name]}]
+        if states:
+            filters.append({"Name": "instance-state-name", "Values": list(states)})
+        reservations = self.ec2.describe_instances(Filters=filters)["Reservations"]
+        return [i for r in reservations for i in r["Instances"]]
+
+    def vms(self) -> list[str]:
+        """Instances that still bill: anything not terminated."""
+        live = ("pending", "running", "stopping", "stopped", "shutting-down")
+        return sorted(i["InstanceId"] for i in self.instances(*live))
+
+
+@pytest.fixture(scope="session")
+def ami(moto) -> str:
+    return _ec2(moto).describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+
+
+def _pool(prefect_server, client, bundle_url, tmp_path, moto, ami, **variables) -> AwsPool:
+    env = {**moto.env(), "RUNNER_CLOUD": "none", "RUNNER_HEARTBEAT_SECONDS": "2"}
+    worker_env = variables.pop("worker_env", moto.env())
+    return AwsPool(
+        prefect_server, client, bundle_url, tmp_path, moto=moto, worker_env=worker_env,
+        variables={"provider": "aws", "machine_image": ami, "region": "us-east-1",
+                   "vm_types": TYPES, "env": env, **variables},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def aws_pool(prefect_server, client, bundle_url, tmp_path, moto, ami) -> Iterator[AwsPool]:
+    pool = _pool(prefect_server, client, bundle_url, tmp_path, moto, ami)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def test_a_run_gets_an_instance_with_its_user_data_tags_and_shutdown_behaviour(
+    aws_pool, moto, tmp_path
+):
+    with SimulatedVms(moto, aws_pool.name, tmp_path / "vms") as vms:
+        aws_pool.start_worker()
+        run = aws_pool.run("hello", n=3, job_variables={"spot_policy": "spot"})
+        ended = aws_pool.wait_final(run.id)
+        assert aws_pool.wait_no_vms() == []  # terminated: by its poweroff, then the worker
+
+    assert ended.state.is_completed(), ended.state
+    [instance] = aws_pool.instances()
+    assert instance["InstanceId"] == ended.infrastructure_pid
+    assert instance["InstanceType"] == TYPES[0]
+    assert instance.get("InstanceLifecycle") == "spot"
+    tags = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
+    assert tags[TAG_POOL] == aws_pool.name and tags[TAG_FLOW_RUN] == str(run.id)
+    shutdown = aws_pool.ec2.describe_instance_attribute(
+        InstanceId=instance["InstanceId"], Attribute="instanceInitiatedShutdownBehavior"
+    )
+    assert shutdown["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+    assert f'RUNNER_FLOW_RUN_ID=\\"{run.id}\\"' in vms.user_data[instance["InstanceId"]]
+
+
+def test_capacity_errors_fall_back_to_the_next_type_then_on_demand(
+    prefect_server, client, bundle_url, tmp_path, moto, ami
+):
+    with FaultProxy(moto.url) as proxy:
+        # No spot capacity at all, and no m6i.large on demand: m6i.xlarge on demand is next.
+        proxy.answer(
+            lambda r: b"Action=RunInstances" in r.body and b"MarketType=spot" in r.body,
+            400, ec2_error("MaxSpotInstanceCountExceeded", "Max spot instance count exceeded"),
+        )  # fmt: skip
+        proxy.answer(
+            lambda r: b"Action=RunInstances" in r.body and b"InstanceType=m6i.large" in r.body,
+            500, ec2_error("InsufficientInstanceCapacity", "We currently do not have capacity"),
+        )  # fmt: skip
+        pool = _pool(
+            prefect_server, client, bundle_url, tmp_path, moto, ami,
+            spot_policy="spot_with_fallback",
+            worker_env={**moto.env(), "AWS_ENDPOINT_URL_EC2": proxy.url},
+        )  # fmt: skip
+        try:
+            with SimulatedVms(moto, pool.name, tmp_path / "vms"):
+                pool.start_worker()
+                run = pool.run("hello", n=2)
+                ended = pool.wait_final(run.id)
+                assert pool.wait_no_vms() == []
+            [instance] = pool.instances()
+            logs = _logs(client, run.id)
+        finally:
+            pool.close()
+
+    assert ended.state.is_completed(), ended.state
+    assert instance["InstanceType"] == "m6i.xlarge" and "InstanceLifecycle" not in instance
+    tries = [line for line in logs if line.startswith("starting VM ")]
+    assert [line.split("(")[1].split(")")[0] for line in tries] == [
+        "m6i.large, spot", "m6i.xlarge, spot", "m6i.large, on-demand", "m6i.xlarge, on-demand",
+    ]  # fmt: skip
+    assert any("no capacity for m6i.large, on-demand: InsufficientInstanceCapacity" in line
+               for line in logs)  # fmt: skip
+
+
+def test_the_sweep_command_terminates_a_tagged_leftover(aws_pool, moto, ami, client, flow_run):
+    done = flow_run("hello", n=1)
+    from prefect.states import Completed
+
+    client.set_flow_run_state(done.id, Completed(), force=True)
+    tags = [{"Key": TAG_POOL, "Value": aws_pool.name}, {"Key": TAG_FLOW_RUN, "Value": str(done.id)}]
+    leftover = aws_pool.ec2.run_instances(
+        ImageId=ami, InstanceType="m6i.large", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"][0]["InstanceId"]  # fmt: skip
+    running = aws_pool.ec2.run_instances(
+        ImageId=ami, InstanceType="m6i.large", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags[:1] + [
+            {"Key": TAG_FLOW_RUN, "Value": str(flow_run("hello", n=1).id)}]}],
+    )["Instances"][0]["InstanceId"]  # fmt: skip
+
+    swept = run_cli(
+        "launch", "sweep", "--pool", aws_pool.name, "--grace", "0",
+        env={**os.environ, **aws_pool.server.env(), **moto.env()},
+    )  # fmt: skip
+
+    assert swept.returncode == 0, swept.stderr
+    assert f"sweep: deleting VM {leftover} of pool {aws_pool.name}" in swept.stdout
+    assert aws_pool.vms() == [running]  # its run is still to come: kept
+
+
+def test_an_image_that_does_not_exist_crashes_the_run_and_creates_nothing(aws_pool):
+    aws_pool.start_worker()
+    run = aws_pool.run("hello", job_variables={"machine_image": "ami-0123456789abcdef0"})
+
+    ended = aws_pool.wait_final(run.id, timeout=60)
+
+    assert ended.state.is_crashed()
+    assert ended.state.message.startswith(
+        "could not start a VM: reading the machine image: the machine image "
+        "ami-0123456789abcdef0 does not exist in us-east-1"
+    )
+    assert aws_pool.instances() == []
+
+
+def test_an_unknown_type_crashes_the_run_and_creates_nothing(aws_pool):
+    aws_pool.start_worker()
+    run = aws_pool.run("hello", job_variables={"vm_types": ["m99.huge"]})
+
+    ended = aws_pool.wait_final(run.id, timeout=60)
+
+    assert ended.state.is_crashed()
+    assert "there is no instance type m99.huge in us-east-1" in ended.state.message
+    assert aws_pool.instances() == []
+
+
+def _logs(client, flow_run_id) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
