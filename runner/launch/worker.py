@@ -70,6 +70,12 @@ class _VmFields(BaseVariables):
         title="VM types",
         description="Instance types to try, in order (the cloud providers need at least one).",
     )
+    project: str | None = Field(
+        default=None, description="The GCP project, or the Azure subscription id."
+    )
+    resource_group: str | None = Field(
+        default=None, title="Resource group", description="The Azure resource group."
+    )
     region: str | None = Field(default=None, description="The cloud region.")
     zone: str | None = Field(default=None, description="The zone (GCE; AWS subnet's zone).")
     subnet: str | None = Field(
@@ -338,6 +344,8 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
 def provider_config(configuration: VmJobConfiguration) -> dict[str, Any]:
     """What a provider is made from: where, not what (that is per VM, in the request)."""
     return {
+        "project": configuration.project,
+        "resource_group": configuration.resource_group,
         "region": configuration.region,
         "zone": configuration.zone,
         "subnet": configuration.subnet,

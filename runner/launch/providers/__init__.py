@@ -15,6 +15,8 @@ __all__ = ["PROVIDERS", "CapacityError", "Provider", "Vm", "VmRequest", "provide
 PROVIDERS: dict[str, str] = {
     "local": "runner.launch.providers.local:from_config",
     "aws": "runner.launch.providers.aws:from_config",
+    "gcp": "runner.launch.providers.gcp:from_config",
+    "azure": "runner.launch.providers.azure:from_config",
 }
 
 
