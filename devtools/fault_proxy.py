@@ -27,6 +27,7 @@ class Request:
     method: str
     path: str
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
 
 
 @dataclass
@@ -86,7 +87,8 @@ class FaultProxy:
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                request = Request(self.command, self.path, body)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                request = Request(self.command, self.path, body, headers)
                 rule = proxy._rule_for(request)
                 if rule is not None:
                     self._reply(rule.status, {"Content-Type": rule.content_type}, rule.body)

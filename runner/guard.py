@@ -36,7 +36,7 @@ from runner.supervisor import FORWARDED, REPORT_API_WAIT, Supervisor, reschedule
 from runner.telemetry.reporter import RunTelemetry
 from runner.telemetry.sender import EventSender
 from runner.telemetry.summary import ARTIFACT_KEY
-from runner.vm import user_data
+from runner.vm import secrets, user_data
 from runner.vm.metadata import Detection
 from runner.vm.prices import hourly_price
 from runner.vm.teardown import Teardown
@@ -67,6 +67,7 @@ def run(settings: Settings, *, teardown: Teardown | None = None) -> ExitCode:
     try:
         try:
             settings = user_data.settle(settings, stopped=signals.first)
+            secrets.fetch_api_key(settings)
         except RunnerError as exc:  # no run claimed: say why, and tear down
             log.error("%s", exc)
             if isinstance(exc, user_data.UserDataError):

@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         "variables), read below the environment; when no flow run id is known yet the runner "
         "waits up to --claim-timeout for the file to name one.",
     )
+    prefect_api_key_ssm: str | None = Field(
+        default=None,
+        description="Name of an AWS SSM SecureString parameter that holds PREFECT_API_KEY, "
+        "read at start with the machine's role when PREFECT_API_KEY is not set (the vm "
+        "worker's api_key_in_ssm: the key stays out of the VM's user-data).",
+    )
     claim_timeout: float = Field(
         default=600.0,
         ge=0,

@@ -114,6 +114,13 @@ class _VmFields(BaseVariables):
         description="The runner ends the run Crashed past this (its --max-runtime); the sweep "
         "deletes a VM that outlives it by 10 minutes.",
     )
+    api_key_in_ssm: bool = Field(
+        default=False,
+        title="API key in SSM (AWS)",
+        description="Keep the Prefect API key out of the VM's user-data: the worker stores it "
+        "as an SSM SecureString parameter, which the runner reads at start with the VM's "
+        "role (ssm:GetParameter, kms:Decrypt), and deletes it with the VM.",
+    )
     claim_timeout: int = Field(
         default=600,
         title="Claim timeout (seconds)",
@@ -351,6 +358,7 @@ def provider_config(configuration: VmJobConfiguration) -> dict[str, Any]:
         "subnet": configuration.subnet,
         "security_groups": configuration.security_groups,
         "identity": configuration.identity,
+        "api_key_in_ssm": configuration.api_key_in_ssm,
     }
 
 

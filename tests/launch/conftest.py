@@ -85,6 +85,12 @@ class Pool:
         record(text)
         return text
 
+    def wait_for_log(self, line: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while line not in self.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"{line!r} not in the worker's log"
+            time.sleep(0.25)
+
     def run(self, flow_name: str, *, job_variables: dict | None = None, **parameters: object):
         """A flow run of a new deployment in this pool, its code from the bundle."""
         flow_id = self.client.create_flow_from_name(flow_name.replace("_", "-"))

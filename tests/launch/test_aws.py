@@ -46,7 +46,9 @@ class SimulatedVms:
     holds, and ends by terminating the instance (the image's poweroff, with
     InstanceInitiatedShutdownBehavior=terminate)."""
 
-    def __init__(self, moto, pool: str, workdir: Path) -> None:
+    def __init__(self, moto, pool: str, workdir: Path, *, unset: tuple[str, ...] = ()) -> None:
+        """``unset``: variables of this process the VMs do not have."""
+        self.unset = unset
         self.ec2, self.moto, self.pool, self.workdir = _ec2(moto), moto, pool, workdir
         self.user_data: dict[str, str] = {}  # instance id -> the cloud-config EC2 kept
         self.errors: list[BaseException] = []
@@ -113,7 +115,11 @@ class SimulatedVms:
                     "--on-exit-command",
                     f'{sys.executable} -c "{TERMINATE}"',
                 ],
-                env={**os.environ, **self.moto.env(), "SIMULATED_VM_ID": instance_id},
+                env={
+                    **{k: v for k, v in os.environ.items() if k not in self.unset},
+                    **self.moto.env(),
+                    "SIMULATED_VM_ID": instance_id,
+                },
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -273,6 +279,48 @@ def test_an_unknown_type_crashes_the_run_and_creates_nothing(aws_pool):
     assert ended.state.is_crashed()
     assert "there is no instance type m99.huge in us-east-1" in ended.state.message
     assert aws_pool.instances() == []
+
+
+def test_api_key_in_ssm_keeps_it_out_of_the_user_data(
+    prefect_server, client, bundle_url, tmp_path, moto, ami
+):
+    key = os.environ["PREFECT_API_KEY"]  # the worker's own (a planted secret)
+    with FaultProxy(prefect_server.url) as api:  # the API, wanting that key from everyone
+        api.answer(
+            lambda r: r.headers.get("authorization") != f"Bearer {key}",
+            401, b'{"detail": "no or wrong API key"}', content_type="application/json",
+        )  # fmt: skip
+        pool = _pool(
+            prefect_server, client, bundle_url, tmp_path, moto, ami, api_key_in_ssm=True,
+            worker_env={**moto.env(), "PREFECT_API_URL": f"{api.url}/api"},
+        )  # fmt: skip
+        try:
+            vms = SimulatedVms(moto, pool.name, tmp_path / "vms", unset=("PREFECT_API_KEY",))
+            with vms:
+                pool.start_worker()
+                run = pool.run("hello", n=2)
+                ended = pool.wait_final(run.id)
+                pool.wait_for_log(f"VM {ended.infrastructure_pid} deleted")
+        finally:
+            pool.close()
+
+    assert ended.state.is_completed(), ended.state  # the runner found the key in SSM
+    [user_data] = vms.user_data.values()
+    assert key not in user_data
+    name = f"/prefect-vm-runner/prefect-vm-{run.id.hex[:12]}-"
+    assert f'RUNNER_PREFECT_API_KEY_SSM=\\"{name}' in user_data
+    ssm = boto3.client("ssm", **{k.lower(): v for k, v in _boto_args(moto).items()})
+    assert ssm.describe_parameters()["Parameters"] == []  # deleted with the VM
+
+
+def _boto_args(moto) -> dict[str, str]:
+    env = moto.env()
+    return {
+        "region_name": env["AWS_DEFAULT_REGION"],
+        "endpoint_url": env["AWS_ENDPOINT_URL"],
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+    }
 
 
 def _logs(client, flow_run_id) -> list[str]:

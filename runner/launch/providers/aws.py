@@ -4,6 +4,7 @@ poweroff (so the runner's poweroff leaves nothing billed), found again by their 
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,8 @@ _BAD_INPUT = {
     "AuthFailure": "AWS refused the credentials",
     "UnauthorizedOperation": "the credentials may not do this",
 }
+# Where api_key_in_ssm keeps each VM's API key: SSM_PREFIX/<VM name>, deleted with the VM.
+SSM_PREFIX = "/prefect-vm-runner"
 _STATES = {
     "pending": "starting",
     "running": "running",
@@ -51,6 +54,7 @@ class AwsProvider:
         subnet: str | None = None,
         security_groups: Sequence[str] | None = None,
         identity: str | None = None,
+        api_key_in_ssm: bool = False,
         ec2: Any | None = None,
         **_: object,
     ) -> None:
@@ -71,6 +75,8 @@ class AwsProvider:
         self._subnet = subnet
         self._security_groups = list(security_groups or [])
         self._identity = identity
+        self._api_key_in_ssm = api_key_in_ssm
+        self._ssm_client: Any | None = None
         self._known_types: set[str] = set()
 
     def create(self, request: VmRequest) -> Vm:
@@ -82,12 +88,13 @@ class AwsProvider:
         self._check_type(request.vm_type)
         tags = [{"Key": key, "Value": value} for key, value in request.tags.items()]
         tags.append({"Key": "Name", "Value": request.name})
+        user_data = self._key_to_ssm(request) if self._api_key_in_ssm else request.user_data
         params: dict[str, Any] = {
             "ImageId": request.machine_image,
             "InstanceType": request.vm_type,
             "MinCount": 1,
             "MaxCount": 1,
-            "UserData": cloud_config(request.user_data),
+            "UserData": cloud_config(user_data),
             # The runner powers the VM off at the end: that terminates it, disks and all.
             "InstanceInitiatedShutdownBehavior": "terminate",
             "TagSpecifications": [
@@ -118,8 +125,12 @@ class AwsProvider:
                     "Ebs": {"VolumeSize": request.disk_size_gb, "DeleteOnTermination": True},
                 }
             ]
-        with self._errors(f"starting {request.vm_type}", image=request.machine_image):
-            instance = self._ec2.run_instances(**params)["Instances"][0]
+        try:
+            with self._errors(f"starting {request.vm_type}", image=request.machine_image):
+                instance = self._ec2.run_instances(**params)["Instances"][0]
+        except BaseException:
+            self._forget_key(request.name)
+            raise
         return _vm(instance)
 
     def describe(self, vm_id: str) -> Vm:
@@ -134,12 +145,15 @@ class AwsProvider:
         return _vm(instances[0]) if instances else Vm(vm_id, "gone")
 
     def delete(self, vm_id: str) -> None:
+        name = self.describe(vm_id).tags.get("Name") if self._api_key_in_ssm else None
         try:
             with self._errors(f"terminating {vm_id}"):
                 self._ec2.terminate_instances(InstanceIds=[vm_id])
         except ConfigError as exc:
             if "InvalidInstanceID" not in str(exc):  # gone already: nothing to delete
                 raise
+        if name:
+            self._forget_key(name)
 
     def console(self, vm_id: str) -> str:
         try:
@@ -162,6 +176,35 @@ class AwsProvider:
             for page in self._ec2.get_paginator("describe_instances").paginate(Filters=filters):
                 vms.extend(_vm(i) for r in page["Reservations"] for i in r["Instances"])
         return vms
+
+    def _key_to_ssm(self, request: VmRequest) -> dict[str, str]:
+        """The user-data with the API key swapped for the name of an SSM SecureString
+        parameter that holds it; the runner reads it at start with the VM's role."""
+        data = dict(request.user_data)
+        key = data.pop("PREFECT_API_KEY", None)
+        if key is None:
+            return data
+        name = f"{SSM_PREFIX}/{request.name}"
+        with self._errors(f"storing the API key in SSM parameter {name}"):
+            self._ssm().put_parameter(Name=name, Value=key, Type="SecureString", Overwrite=True)
+        data["RUNNER_PREFECT_API_KEY_SSM"] = name
+        data.setdefault("AWS_DEFAULT_REGION", self._region)  # where the runner finds it
+        return data
+
+    def _forget_key(self, vm_name: str) -> None:
+        if not self._api_key_in_ssm:
+            return
+        from botocore.exceptions import ClientError
+
+        with contextlib.suppress(ClientError):  # never stored, or deleted already
+            self._ssm().delete_parameter(Name=f"{SSM_PREFIX}/{vm_name}")
+
+    def _ssm(self) -> Any:
+        if self._ssm_client is None:
+            import boto3
+
+            self._ssm_client = boto3.client("ssm", region_name=self._region)
+        return self._ssm_client
 
     def _root_device(self, image_id: str) -> str:
         """The AMI's root device name; ConfigError when the AMI is not in this region."""
