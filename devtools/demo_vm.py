@@ -11,6 +11,7 @@ powers the VM off; the worker removes it. Everything is stopped at the end.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,8 +59,13 @@ def main() -> int:
             code = _follow(scratch / "worker.log")
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
             step("worker stopped")
+    shutil.rmtree(scratch, ignore_errors=True)
     step("Prefect server and S3 stopped")
     return code
 

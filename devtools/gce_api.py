@@ -422,7 +422,9 @@ class GceApi:
             "id": _id(),
             "creationTimestamp": _now(),
             "name": name,
-            "machineType": self._link(f"zones/{self.zone}/machineTypes/{_last(body['machineType'])}"),
+            "machineType": self._link(
+                f"zones/{self.zone}/machineTypes/{_last(body['machineType'])}"
+            ),
             "status": "PROVISIONING",
             "zone": self._link(f"zones/{self.zone}"),
             "networkInterfaces": body["networkInterfaces"],
@@ -444,7 +446,9 @@ class GceApi:
             "fingerprint": secrets.token_urlsafe(8),
         }  # fmt: skip
         self._instances[name] = instance
-        self._consoles[name] = f"SeaBIOS (version 1.8.2-google)\nBooting from Hard Disk 0...\n{name} login: \n"  # noqa: E501
+        self._consoles[name] = (
+            f"SeaBIOS (version 1.8.2-google)\nBooting from Hard Disk 0...\n{name} login: \n"  # noqa: E501
+        )
         return instance
 
     def _disk(self, name: str, image: tuple[str, str], size: int) -> dict[str, Any]:
@@ -618,7 +622,7 @@ def _fields(body: dict[str, Any], allowed: set[str], required: set[str]) -> None
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError(
-            400, "invalid", f"Invalid JSON payload received. Unknown name \"{unknown[0]}\""
+            400, "invalid", f'Invalid JSON payload received. Unknown name "{unknown[0]}"'
         )
     missing = sorted(required - set(body))
     if missing:
@@ -686,6 +690,15 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, set[str]]] = [
 ]  # fmt: skip
 
 
+def _route(method: str, path: str) -> tuple[str, re.Match[str], set[str]]:
+    """The route of ``method path``, its match, the query parameters it takes; 404 else."""
+    for route_method, pattern, route, allowed in _ROUTES:
+        match = pattern.fullmatch(path)
+        if route_method == method and match:
+            return route, match, allowed
+    raise ApiError(404, "notFound", f"No such method: {method} {path}")
+
+
 def _call(api: GceApi, route: str, match: re.Match[str], query: dict[str, str], body: Any) -> Any:
     """Carry out one API call (under the stand-in's lock)."""
     groups = match.groupdict()
@@ -743,12 +756,7 @@ def _handler(api: GceApi) -> type[BaseHTTPRequestHandler]:
                     "Request is missing required authentication credential. Expected OAuth "
                     "2 access token, login cookie or other valid authentication credential.",
                 )
-            for method, pattern, route, allowed in _ROUTES:
-                match = pattern.fullmatch(path)
-                if method == self.command and match:
-                    break
-            else:
-                raise ApiError(404, "notFound", f"No such method: {self.command} {path}")
+            route, match, allowed = _route(self.command, path)
             pairs = parse_qs(raw_query, keep_blank_values=True)
             unknown = sorted(set(pairs) - allowed)
             if unknown or any(len(values) > 1 for values in pairs.values()):

@@ -8,6 +8,8 @@ import time
 
 from prefect.states import Cancelling
 
+from tests.helpers import unused_api_url
+
 
 def test_a_run_gets_a_vm_that_runs_it_and_nothing_is_left(pool):
     pool.start_worker()
@@ -98,3 +100,36 @@ def test_an_image_that_does_not_exist_crashes_the_run_and_creates_nothing(pool):
     assert ended.state.message.startswith("could not start a VM: creating VM prefect-vm-")
     assert "the image does not exist here" in ended.state.message
     assert pool.vms() == []
+
+
+def _unreachable_api(api_wait: str) -> dict[str, str]:
+    """A VM whose runner cannot reach the API (the env job variable wins in user-data)."""
+    return {"PREFECT_API_URL": unused_api_url(), "RUNNER_API_WAIT": api_wait,
+            "RUNNER_CLOUD": "none"}  # fmt: skip
+
+
+def test_a_vm_that_never_claims_its_run_is_deleted_and_the_run_crashes(pool):
+    pool.start_worker()
+    run = pool.run("hello", job_variables={"env": _unreachable_api("300"), "claim_timeout": 15})
+
+    ended = pool.wait_final(run.id, timeout=120)
+
+    assert ended.state.is_crashed()
+    message = ended.state.message
+    assert message.startswith(f"VM {ended.infrastructure_pid} did not claim the run within 15s")
+    assert "Its boot output ended with:" in message and "(no boot output)" not in message
+    assert pool.wait_no_vms() == []
+
+
+def test_a_vm_that_stops_before_its_run_ends_crashes_the_run_with_its_console(pool):
+    pool.start_worker()
+    run = pool.run("hello", job_variables={"env": _unreachable_api("2")})
+
+    ended = pool.wait_final(run.id, timeout=120)
+
+    assert ended.state.is_crashed()
+    assert ended.state.message.startswith(
+        f"VM {ended.infrastructure_pid} stopped before the run ended; its console ended with:"
+    )
+    assert "(no boot output)" not in ended.state.message
+    assert pool.wait_no_vms() == []
