@@ -24,7 +24,7 @@ from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker
 from pydantic import Field, PrivateAttr
 
 from runner.errors import RunnerError
-from runner.launch import sweep
+from runner.launch import catalog, sweep
 from runner.launch.providers import CapacityError, Provider, Vm, VmRequest, provider_for
 from runner.launch.providers.base import (
     TAG_CLAIM_TIMEOUT,
@@ -68,7 +68,8 @@ class _VmFields(BaseVariables):
     vm_types: list[str] | None = Field(
         default=None,
         title="VM types",
-        description="Instance types to try, in order (the cloud providers need at least one).",
+        description="Instance types to try, in order; default: the three cheapest of the "
+        "cloud's packaged catalog that meet cpu, memory, gpu and arm.",
     )
     project: str | None = Field(
         default=None, description="The GCP project, or the Azure subscription id."
@@ -367,7 +368,8 @@ def _launch(
 ) -> Vm:
     """Create the VM from the first candidate the cloud has capacity for, logging each try."""
     candidates = [
-        replace(request, vm_type=vm_type, spot=spot) for vm_type, spot in _candidates(configuration)
+        replace(request, vm_type=vm_type, spot=spot, user_data=_with_cost(request, price))
+        for vm_type, spot, price in _candidates(configuration)
     ]
     for attempt, candidate in enumerate(candidates, start=1):
         what = _describe(candidate.vm_type, candidate.spot)
@@ -382,12 +384,38 @@ def _launch(
     raise CapacityError(f"no capacity for any of: {tried}")
 
 
-def _candidates(configuration: VmJobConfiguration) -> list[tuple[str, bool]]:
-    """(type, spot) in the order to try: each type spot first where the policy allows,
-    then each type on demand where it allows."""
-    types = configuration.vm_types or [""]
+def _candidates(configuration: VmJobConfiguration) -> list[tuple[str, bool, float | None]]:
+    """(type, spot, hourly price) in the order to try: ``vm_types`` as given, else the
+    cheapest types of the cloud's catalog that meet cpu, memory, gpu and arm; each type
+    spot first where the policy allows, then each on demand where it allows. The price
+    is the catalog's on-demand one (a spot price is not known in advance)."""
+    if configuration.vm_types:
+        types: list[tuple[str, float | None]] = [(t, None) for t in configuration.vm_types]
+    elif (known := catalog.load(configuration.provider)) is None:
+        types = [("", None)]  # a provider without types (local)
+    else:
+        fits = catalog.cheapest(
+            known,
+            cpu=configuration.cpu,
+            memory=configuration.memory,
+            gpu=configuration.gpu,
+            arm=configuration.arm,
+        )
+        types = [(t.name, t.on_demand) for t in fits]
     markets = {"on-demand": [False], "spot": [True], "spot_with_fallback": [True, False]}
-    return [(vm_type, spot) for spot in markets[configuration.spot_policy] for vm_type in types]
+    return [
+        (vm_type, spot, None if spot else price)
+        for spot in markets[configuration.spot_policy]
+        for vm_type, price in types
+    ]
+
+
+def _with_cost(request: VmRequest, price: float | None) -> dict[str, str]:
+    """The user-data, with the type's price for the runner's cost estimate when known (a
+    RUNNER_HOURLY_COST of the env job variable wins)."""
+    if price is None or "RUNNER_HOURLY_COST" in request.user_data:
+        return dict(request.user_data)
+    return {**request.user_data, "RUNNER_HOURLY_COST": f"{price:g}"}
 
 
 def _describe(vm_type: str, spot: bool) -> str:

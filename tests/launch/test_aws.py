@@ -191,6 +191,19 @@ def test_a_run_gets_an_instance_with_its_user_data_tags_and_shutdown_behaviour(
     assert f'RUNNER_FLOW_RUN_ID=\\"{run.id}\\"' in vms.user_data[instance["InstanceId"]]
 
 
+def test_without_vm_types_the_cheapest_type_that_fits_and_its_price(aws_pool, moto, tmp_path):
+    with SimulatedVms(moto, aws_pool.name, tmp_path / "vms") as vms:
+        aws_pool.start_worker()
+        run = aws_pool.run("hello", n=1, job_variables={"vm_types": None, "cpu": 4, "memory": 16})
+        ended = aws_pool.wait_final(run.id)
+        assert aws_pool.wait_no_vms() == []
+
+    assert ended.state.is_completed(), ended.state
+    [instance] = aws_pool.instances()
+    assert instance["InstanceType"] == "t3.xlarge"  # the catalog's cheapest with 4 vCPUs, 16 GiB
+    assert 'RUNNER_HOURLY_COST=\\"0.1664\\"' in vms.user_data[instance["InstanceId"]]
+
+
 def test_capacity_errors_fall_back_to_the_next_type_then_on_demand(
     prefect_server, client, bundle_url, tmp_path, moto, ami
 ):

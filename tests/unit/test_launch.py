@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from runner.errors import ConfigError
 from runner.launch.providers.base import TAG_CLAIM_TIMEOUT, TAG_FLOW_RUN, TAG_MAX_RUNTIME, Vm
 from runner.launch.sweep import why_due
 from runner.launch.user_data import as_env_file, render
@@ -26,7 +27,36 @@ from runner.vm.user_data import read
 )
 def test_candidates_follow_the_types_then_the_spot_policy(policy, expected):
     configuration = VmJobConfiguration(vm_types=["a", "b"], spot_policy=policy)
-    assert _candidates(configuration) == expected
+    assert [(t, spot) for t, spot, _ in _candidates(configuration)] == expected
+
+
+@pytest.mark.parametrize(
+    ("needs", "expected"),
+    [
+        ({}, ["t3.medium", "t3.large", "c6i.large"]),
+        ({"cpu": 4, "memory": 16}, ["t3.xlarge", "m6i.xlarge", "r6i.xlarge"]),
+        ({"cpu": 4, "arm": True}, ["c7g.xlarge", "m7g.xlarge", "r7g.xlarge"]),
+        ({"gpu": True}, ["g4dn.xlarge", "g4dn.2xlarge", "g5.xlarge"]),
+        ({"memory": 100}, ["r6i.4xlarge", "m6i.8xlarge"]),
+    ],
+)
+def test_without_vm_types_the_cheapest_catalog_types_that_fit(needs, expected):
+    configuration = VmJobConfiguration(provider="aws", spot_policy="on-demand", **needs)
+    candidates = _candidates(configuration)
+    assert [t for t, _, _ in candidates] == expected
+    assert all(price and price > 0 for _, _, price in candidates)  # the cost estimate
+
+
+def test_no_catalog_type_fits_is_one_line():
+    configuration = VmJobConfiguration(provider="aws", cpu=4096)
+    with pytest.raises(ConfigError, match="no type in the catalog meets 4096 vCPUs"):
+        _candidates(configuration)
+
+
+def test_a_spot_try_carries_no_price_and_local_has_no_types():
+    spot = VmJobConfiguration(provider="aws", spot_policy="spot")
+    assert {price for _, _, price in _candidates(spot)} == {None}
+    assert _candidates(VmJobConfiguration(provider="local")) == [("", False, None)]
 
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)

@@ -365,10 +365,9 @@ def _label(text: str, valid: re.Pattern[str], *, key: bool) -> str:
 
 def _reasons(exc: Any) -> set[str]:
     """The machine-readable reasons of an HTTP error, upper snake case."""
-    reasons = {
-        str(error.get("reason", "")) for error in exc.errors or [] if isinstance(error, dict)
-    }
-    reasons.add(str(exc.reason or ""))
+    errors = getattr(exc, "errors", None) or []
+    reasons = {str(error.get("reason", "")) for error in errors if isinstance(error, dict)}
+    reasons.add(str(getattr(exc, "reason", None) or ""))  # ErrorInfo's, where given
     return {re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", r).upper() for r in reasons if r}
 
 
