@@ -134,7 +134,9 @@ class _Capacity:
 
 class AzureApi:
     """``with AzureApi() as api: api.url``; one subscription, one resource group and location,
-    a subnet (``subnet_id``) and an image (``image_id``) that exist."""
+    a subnet (``subnet_id``) and an image (``image_id``) that exist. Operations take
+    ``operation_seconds``; lists come ``page_size`` VMs a page (one: clients must follow
+    ``nextLink``)."""
 
     def __init__(
         self,
@@ -144,7 +146,7 @@ class AzureApi:
         location: str = LOCATION,
         operation_seconds: float = 1.5,
         retry_after: int = 1,
-        page_size: int = 2,
+        page_size: int = 1,
     ) -> None:
         self.subscription, self.resource_group, self.location = (
             subscription,
@@ -211,7 +213,11 @@ class AzureApi:
     # -- what tests do and see -------------------------------------------------------------
 
     def no_capacity(
-        self, size: str | None = None, priority: str | None = None, *, code: str = "AllocationFailed"
+        self,
+        size: str | None = None,
+        priority: str | None = None,
+        *,
+        code: str = "AllocationFailed",
     ) -> None:
         """From now on VMs of ``size`` (any when None) and ``priority`` (Regular, Spot; any
         when None) fail for capacity: ``SkuNotAvailable`` at once (409), the allocation
@@ -495,13 +501,15 @@ class AzureApi:
         headers["Location"] = headers["Azure-AsyncOperation"] + "&monitor=true"
         return 202, headers
 
-    def list_vms(self, skip: int) -> dict[str, Any]:
-        vms = [body for (kind, _), body in sorted(self._resources.items()) if kind == "virtualMachines"]
+    def list_vms(self, skip: int, api_version: str) -> dict[str, Any]:
+        vms = [
+            body for (kind, _), body in sorted(self._resources.items()) if kind == "virtualMachines"
+        ]
         page: dict[str, Any] = {"value": vms[skip : skip + self.page_size]}
         if skip + self.page_size < len(vms):
             page["nextLink"] = (
                 f"{self.url}{self._rid('Microsoft.Compute/virtualMachines', '').rstrip('/')}"
-                f"?api-version=2024-07-01&$skiptoken={skip + self.page_size}"
+                f"?api-version={api_version}&$skiptoken={skip + self.page_size}"
             )
         return page
 
@@ -547,9 +555,12 @@ class AzureApi:
             _members(configuration, "NetworkInterfaceIPConfiguration",
                      required={"name", "properties"})  # fmt: skip
             ip = configuration["properties"]
-            _members(ip, "NetworkInterfaceIPConfigurationPropertiesFormat",
-                     required={"subnet"},
-                     optional={"privateIPAllocationMethod", "publicIPAddress", "primary"})  # fmt: skip
+            _members(
+                ip,
+                "NetworkInterfaceIPConfigurationPropertiesFormat",
+                required={"subnet"},
+                optional={"privateIPAllocationMethod", "publicIPAddress", "primary"},
+            )
             subnet = _reference(ip["subnet"], "subnet")
             if subnet.lower() != self.subnet_id.lower():
                 raise ArmError(
@@ -576,7 +587,9 @@ class AzureApi:
             }
             if "publicIPAddress" in ip:
                 answer["properties"]["publicIPAddress"] = {
-                    "id": self._attach_ip(_reference(ip["publicIPAddress"], "publicIPAddress"), nic_id)
+                    "id": self._attach_ip(
+                        _reference(ip["publicIPAddress"], "publicIPAddress"), nic_id
+                    )
                 }
             answered.append(answer)
         nic: dict[str, Any] = {
@@ -724,7 +737,9 @@ class AzureApi:
 
     # -- operations ------------------------------------------------------------------------
 
-    def operation(self, namespace: str, op_id: str, monitor: bool) -> tuple[int, Any, dict[str, str]]:
+    def operation(
+        self, namespace: str, op_id: str, monitor: bool
+    ) -> tuple[int, Any, dict[str, str]]:
         op = self._operations.get(op_id)
         if op is None or op.namespace.lower() != namespace.lower():
             raise ArmError(404, "NotFound", f"The operation {op_id} was not found.")
@@ -784,7 +799,7 @@ class _VmSpec:
 
     @classmethod
     def read(cls, api: AzureApi, name: str, body: Any) -> _VmSpec:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}[A-Za-z0-9_]", name):
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,62}[A-Za-z0-9_])?", name):
             raise _bad(f"The VM name '{name}' is invalid.", "name", "InvalidResourceName")
         _members(body, "VirtualMachine", required={"location", "properties"},
                  optional={"tags", "identity", "zones"})  # fmt: skip
@@ -793,7 +808,9 @@ class _VmSpec:
         if "zones" in body:
             zones = body["zones"]
             if not (isinstance(zones, list) and len(zones) == 1 and zones[0] in ("1", "2", "3")):
-                raise _bad(f"The zones {zones!r} are not valid here; one of '1', '2', '3'.", "zones")
+                raise _bad(
+                    f"The zones {zones!r} are not valid here; one of '1', '2', '3'.", "zones"
+                )
         if "identity" in body:
             _check_identity(body["identity"])
         properties = body["properties"]
@@ -1081,7 +1098,7 @@ def _route(api: AzureApi, method: str, path: str, query: dict[str, str], body: A
     short, name, action = kind.split("/")[1], match["name"], match["action"]
     if name is None:
         if short == "virtualMachines" and method == "GET":
-            return 200, api.list_vms(_skip(query)), {}
+            return 200, api.list_vms(_skip(query), query["api-version"]), {}
         raise ArmError(405, "MethodNotAllowed", f"{method} is not allowed on {kind}.")
     if action is not None:
         if short == "virtualMachines" and method == "GET" and action == "instanceView":
@@ -1172,7 +1189,7 @@ def _handler(api: AzureApi) -> type[BaseHTTPRequestHandler]:
                     headers["WWW-Authenticate"] = (
                         'Bearer authorization_uri="https://login.microsoftonline.com/common", '
                         'error="invalid_token", error_description="The authentication failed '
-                        'because of missing \'Authorization\' header."'
+                        "because of missing 'Authorization' header.\""
                     )
                 return self._json(exc.status, exc.body(), headers)
             self._json(status, answer, headers)
@@ -1180,8 +1197,11 @@ def _handler(api: AzureApi) -> type[BaseHTTPRequestHandler]:
         def _check(self, method: str, path: str, query: dict[str, str]) -> None:
             authorization = self.headers.get("Authorization")
             if authorization is None:
-                raise ArmError(401, "AuthenticationFailed",
-                               "Authentication failed. The 'Authorization' header is missing.")  # fmt: skip
+                raise ArmError(
+                    401,
+                    "AuthenticationFailed",
+                    "Authentication failed. The 'Authorization' header is missing.",
+                )
             if authorization != f"Bearer {TOKEN}":
                 raise ArmError(401, "InvalidAuthenticationToken",
                                "The access token is invalid.")  # fmt: skip
@@ -1198,8 +1218,11 @@ def _handler(api: AzureApi) -> type[BaseHTTPRequestHandler]:
             if method != "PUT":
                 return None
             if "application/json" not in (self.headers.get("Content-Type") or ""):
-                raise ArmError(415, "UnsupportedMediaType",
-                               "The content media type is not supported; use application/json.")  # fmt: skip
+                raise ArmError(
+                    415,
+                    "UnsupportedMediaType",
+                    "The content media type is not supported; use application/json.",
+                )
             try:
                 return json.loads(raw)
             except ValueError:
@@ -1300,9 +1323,15 @@ def _tls_context(directory: Path) -> ssl.SSLContext:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )  # fmt: skip
@@ -1334,11 +1363,8 @@ def _tls_context(directory: Path) -> ssl.SSLContext:
     (directory / "server.pem").write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
     key_file = directory / "server.key"
     key_file.write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(directory / "server.pem", key_file)
     return context
-

@@ -8,11 +8,12 @@ off), then delete everything the VM leaves behind.
 
 from __future__ import annotations
 
-import functools
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import anyio
@@ -35,6 +36,7 @@ from runner.launch.providers.base import (
 from runner.launch.user_data import render
 
 SpotPolicy = Literal["on-demand", "spot", "spot_with_fallback"]
+T = TypeVar("T")
 POLL_SECONDS = 2.0  # how often the worker looks at a VM it waits for
 CONSOLE_LINES = 20  # of the boot output, in a boot failure's message
 # A run that is final while its VM still runs: the runner is powering it off. After this
@@ -244,22 +246,14 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
         started = time.monotonic()
         claimed = False
         final_since: float | None = None
-        failing_since: float | None = None
         while True:
-            try:
-                vm = await anyio.to_thread.run_sync(provider.describe, vm.id)
-                if vm.state in ("stopped", "gone"):
-                    break
-                state = (await self.client.read_flow_run(flow_run.id)).state
-                claimed = claimed or await self._claimed(flow_run.id, state)
-            except Exception as exc:  # the API or the cloud hiccupped: the VM goes on
-                failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > PATIENCE_SECONDS:
-                    raise  # left to the sweep: the VM and the run go on without us
-                logger.warning("could not check on VM %s (will again): %s", vm.id, exc)
-                await anyio.sleep(POLL_SECONDS)
-                continue
-            failing_since = None
+            vm = await self._patiently(
+                f"check on VM {vm.id}", partial(anyio.to_thread.run_sync, provider.describe, vm.id)
+            )
+            if vm.state in ("stopped", "gone"):
+                break
+            state = await self._patiently("read the flow run", partial(self._state, flow_run.id))
+            claimed = claimed or await self._claimed(flow_run.id, state)
             now = time.monotonic()
             if not claimed and now - started > configuration.claim_timeout:
                 console = await anyio.to_thread.run_sync(provider.console, vm.id)
@@ -279,7 +273,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
                     )
                     return
             await anyio.sleep(POLL_SECONDS)
-        state = (await self.client.read_flow_run(flow_run.id)).state
+        state = await self._patiently("read the flow run", partial(self._state, flow_run.id))
         # Scheduled: a preemption rescheduled it; Cancelling: Prefect cancels it itself.
         if state is None or not (state.is_final() or state.is_scheduled() or state.is_cancelling()):
             console = await anyio.to_thread.run_sync(provider.console, vm.id)
@@ -288,6 +282,23 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
                 f"VM {vm.id} stopped before the run ended; its console ended with: "
                 f"{_tail(console)}",
             )
+
+    async def _state(self, flow_run_id: UUID) -> Any:
+        return (await self.client.read_flow_run(flow_run_id)).state
+
+    async def _patiently(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, asked again at every poll while the API or the cloud fails (a
+        server restart, throttling) for up to PATIENCE_SECONDS, then its error: a VM is
+        never deleted, nor a run crashed, for a failure to ask about them."""
+        failing_since = time.monotonic()
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if time.monotonic() - failing_since > PATIENCE_SECONDS:
+                    raise  # left to the sweep: the VM and its runner go on without us
+                self._logger.warning("could not %s (will again): %s", what, exc)
+                await anyio.sleep(POLL_SECONDS)
 
     async def _claimed(self, flow_run_id: UUID, state: Any) -> bool:
         """Whether a runner took the run: it left Pending, or a runner said it claimed it."""
@@ -336,7 +347,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
                 )
                 provider = provider_for(configuration.provider, **provider_config(configuration))
                 await anyio.to_thread.run_sync(
-                    functools.partial(
+                    partial(
                         sweep.sweep_pool,
                         provider,
                         self._work_pool_name,

@@ -8,7 +8,9 @@ import time
 
 from prefect.states import Cancelling
 
+from devtools.fault_proxy import FaultProxy
 from tests.helpers import unused_api_url
+from tests.launch.conftest import LocalPool
 
 
 def test_a_run_gets_a_vm_that_runs_it_and_nothing_is_left(pool):
@@ -133,3 +135,36 @@ def test_a_vm_that_stops_before_its_run_ends_crashes_the_run_with_its_console(po
     )
     assert "(no boot output)" not in ended.state.message
     assert pool.wait_no_vms() == []
+
+
+def test_the_worker_rides_out_an_api_outage_and_deletes_the_vm_after(
+    prefect_server, client, vm_image, bundle_url, moto, tmp_path
+):
+    """Every read of the run fails for a while (the VM talks to the API directly): the
+    worker neither deletes the VM nor crashes the run for it, and cleans up after."""
+    with FaultProxy(prefect_server.url) as api:
+        vm_env = {**moto.env(), "RUNNER_CLOUD": "none", "PREFECT_API_URL": prefect_server.api_url}
+        pool = LocalPool(
+            prefect_server, client, bundle_url, tmp_path,
+            variables={"machine_image": vm_image, "env": vm_env},
+            # Prefect's client would retry each read itself for a minute: off, so that the
+            # worker's own patience is what is tested.
+            worker_env={"PREFECT_API_URL": f"{api.url}/api", "PREFECT_CLIENT_MAX_RETRIES": "0"},
+        )  # fmt: skip
+        try:
+            pool.start_worker()
+            run = pool.run("numbered_logs", count=8, pause=1.0)
+            pool.wait_state(run.id, "RUNNING")
+            api.answer(
+                lambda r: r.method == "GET" and r.path.endswith(f"/flow_runs/{run.id}"),
+                503, b'{"detail": "unavailable"}', content_type="application/json", times=8,
+            )  # fmt: skip
+            ended = pool.wait_final(run.id)
+            pool.wait_for_log(f"VM {ended.infrastructure_pid} deleted")
+            log = pool.worker_log()
+        finally:
+            pool.close()
+
+    assert ended.state.is_completed(), ended.state
+    assert "could not read the flow run (will again)" in log
+    assert pool.vms() == []
