@@ -23,6 +23,12 @@ STEP = "runner.steps.pull_bundle"
 POOL_LABEL = "prefect-vm-runner-pool"
 
 
+def vm_env(moto) -> dict[str, str]:
+    """What every test VM needs in its user-data: the bundle's S3 (moto), no cloud
+    metadata service to ask on loopback, quick heartbeats."""
+    return {**moto.env(), "RUNNER_CLOUD": "none", "RUNNER_HEARTBEAT_SECONDS": "2"}
+
+
 class Pool:
     """A vm work pool of the local provider, its worker process, and its deployments."""
 
@@ -162,8 +168,7 @@ class LocalPool(Pool):
 
 @pytest.fixture
 def pool(prefect_server, moto, client, vm_image, bundle_url, tmp_path) -> Iterator[LocalPool]:
-    # What the VM needs here: the bundle's S3 (moto), no cloud metadata on loopback.
-    env = {**moto.env(), "RUNNER_CLOUD": "none", "RUNNER_HEARTBEAT_SECONDS": "2"}
+    env = vm_env(moto)
     pool = LocalPool(
         prefect_server, client, bundle_url, tmp_path,
         variables={"machine_image": vm_image, "env": env},

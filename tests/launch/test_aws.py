@@ -8,9 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,14 +17,10 @@ import pytest
 from devtools.fault_proxy import FaultProxy, ec2_error
 from runner.launch.providers.base import TAG_FLOW_RUN, TAG_POOL
 from tests.helpers import run_cli
-from tests.launch.conftest import Pool
-from tests.planted import record
+from tests.launch.conftest import Pool, vm_env
+from tests.launch.simulator import VmSimulator
 
 TYPES = ["m6i.large", "m6i.xlarge"]
-TERMINATE = (
-    "import boto3, os; "
-    "boto3.client('ec2').terminate_instances(InstanceIds=[os.environ['SIMULATED_VM_ID']])"
-)
 
 
 def _ec2(moto, endpoint: str | None = None):
@@ -41,89 +34,31 @@ def _ec2(moto, endpoint: str | None = None):
     )
 
 
-class SimulatedVms:
-    """Boots each pending instance of the pool: its runner runs with the user-data EC2
-    holds, and ends by terminating the instance (the image's poweroff, with
-    InstanceInitiatedShutdownBehavior=terminate)."""
+class SimulatedVms(VmSimulator):
+    """moto's instances of the pool: the user-data is the cloud-config EC2 kept, and a
+    poweroff terminates the instance (InstanceInitiatedShutdownBehavior=terminate)."""
 
-    def __init__(self, moto, pool: str, workdir: Path, *, unset: tuple[str, ...] = ()) -> None:
-        """``unset``: variables of this process the VMs do not have."""
-        self.unset = unset
-        self.ec2, self.moto, self.pool, self.workdir = _ec2(moto), moto, pool, workdir
-        self.user_data: dict[str, str] = {}  # instance id -> the cloud-config EC2 kept
-        self.errors: list[BaseException] = []
-        self._runners: list[subprocess.Popen[bytes]] = []
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._boot_new_instances, daemon=True)
+    def __init__(self, moto, pool: str, workdir: Path, **kwargs) -> None:
+        super().__init__(moto, workdir, **kwargs)
+        self.ec2, self.pool = _ec2(moto), pool
 
-    def __enter__(self) -> SimulatedVms:
-        self._thread.start()
-        return self
+    def running(self) -> list[str]:
+        filters = [
+            {"Name": f"tag:{TAG_POOL}", "Values": [self.pool]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        ]
+        reservations = self.ec2.describe_instances(Filters=filters)["Reservations"]
+        return [i["InstanceId"] for r in reservations for i in r["Instances"]]
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        for runner in self._runners:
-            try:
-                runner.wait(timeout=30)  # its teardown: the instance terminated
-            except subprocess.TimeoutExpired:
-                runner.kill()
-                runner.wait()
-        for log in self.workdir.glob("*.log"):
-            record(log.read_text(errors="replace"))
-        assert not self.errors, self.errors
-
-    def _boot_new_instances(self) -> None:
-        try:
-            self._poll()
-        except BaseException as exc:  # surfaced by __exit__
-            self.errors.append(exc)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.3):
-            filters = [
-                {"Name": f"tag:{TAG_POOL}", "Values": [self.pool]},
-                {"Name": "instance-state-name", "Values": ["pending", "running"]},
-            ]
-            reservations = self.ec2.describe_instances(Filters=filters)["Reservations"]
-            for instance in (i for r in reservations for i in r["Instances"]):
-                if instance["InstanceId"] not in self.user_data:
-                    self._boot(instance["InstanceId"])
-
-    def _boot(self, instance_id: str) -> None:
-        raw = self.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    def read_user_data(self, vm_id: str) -> tuple[str, str]:
+        raw = self.ec2.describe_instance_attribute(InstanceId=vm_id, Attribute="userData")
         cloud_config = base64.b64decode(raw["UserData"]["Value"]).decode()
-        self.user_data[instance_id] = cloud_config
         assert cloud_config.startswith("#cloud-config\n")
         [entry] = json.loads(cloud_config.split("\n", 1)[1])["write_files"]
-        env_file = self.workdir / f"{instance_id}.env"
-        env_file.write_text(entry["content"])
-        log = (self.workdir / f"{instance_id}.log").open("wb")
-        self._runners.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "runner",
-                    "--user-data-file",
-                    str(env_file),
-                    "--workdir",
-                    str(self.workdir / instance_id),
-                    "--on-exit",
-                    "command",
-                    "--on-exit-command",
-                    f'{sys.executable} -c "{TERMINATE}"',
-                ],
-                env={
-                    **{k: v for k, v in os.environ.items() if k not in self.unset},
-                    **self.moto.env(),
-                    "SIMULATED_VM_ID": instance_id,
-                },
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        )
+        return cloud_config, entry["content"]
+
+    def power_off(self, vm_id: str) -> None:
+        self.ec2.terminate_instances(InstanceIds=[vm_id])
 
 
 class AwsPool(Pool):
@@ -150,7 +85,7 @@ def ami(moto) -> str:
 
 
 def _pool(prefect_server, client, bundle_url, tmp_path, moto, ami, **variables) -> AwsPool:
-    env = {**moto.env(), "RUNNER_CLOUD": "none", "RUNNER_HEARTBEAT_SECONDS": "2"}
+    env = vm_env(moto)
     worker_env = variables.pop("worker_env", moto.env())
     return AwsPool(
         prefect_server, client, bundle_url, tmp_path, moto=moto, worker_env=worker_env,

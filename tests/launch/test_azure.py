@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +20,8 @@ from runner.errors import BootstrapError, ConfigError
 from runner.launch.providers.azure import AzureProvider, from_config
 from runner.launch.providers.base import TAG_FLOW_RUN, TAG_POOL, CapacityError, VmRequest
 from tests.helpers import run_cli
-from tests.launch.conftest import Pool
-from tests.planted import record
+from tests.launch.conftest import Pool, vm_env
+from tests.launch.simulator import VmSimulator
 
 TYPES = ["Standard_D2s_v5", "Standard_D4s_v5"]
 
@@ -35,76 +32,32 @@ def api() -> Iterator[AzureApi]:
         yield api
 
 
-class SimulatedVms:
-    """Boots each new VM of the pool: its runner runs with the custom data ARM was given,
-    and when it ends the VM powers off (stopped, still allocated, as Azure leaves it)."""
+class SimulatedVms(VmSimulator):
+    """The stand-in's VMs of the pool: the user-data is the cloud-config of their custom
+    data, and a poweroff leaves the VM stopped but allocated (billed), as on Azure."""
 
     def __init__(self, api: AzureApi, moto, pool: str, workdir: Path) -> None:
-        self.api, self.moto, self.pool, self.workdir = api, moto, pool, workdir
-        self.custom_data: dict[str, str] = {}  # VM name -> the cloud-config it was given
-        self.errors: list[BaseException] = []
-        self._runners: dict[str, subprocess.Popen[bytes]] = {}
-        self._powered_off: set[str] = set()
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(moto, workdir)
+        self.api, self.pool = api, pool
+        self.custom_data = self.user_data  # VM name -> the cloud-config it was given
 
-    def __enter__(self) -> SimulatedVms:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        for runner in self._runners.values():
-            try:
-                runner.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                runner.kill()
-                runner.wait()
-        for log in self.workdir.glob("*.log"):
-            record(log.read_text(errors="replace"))
-        assert not self.errors, self.errors
-
-    def teardowns(self, name: str) -> list[str]:
-        """The exit code of each teardown the VM's runner carried out."""
-        marker = self.workdir / f"{name}.teardown"
-        return marker.read_text().split() if marker.exists() else []
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.wait(0.3):
-                self._tick()
-        except BaseException as exc:  # surfaced by __exit__
-            self.errors.append(exc)
-
-    def _tick(self) -> None:
+    def running(self) -> list[str]:
+        names = []
         for name in self.api.vms(tag=(TAG_POOL, self.pool)):
             vm = self.api.vm(name)
-            statuses = (
-                [s["code"] for s in vm["properties"]["instanceView"]["statuses"]] if vm else []
-            )
-            if name not in self._runners and "PowerState/running" in statuses:
-                self._boot(name)
-        for name, runner in self._runners.items():
-            if runner.poll() is not None and name not in self._powered_off:
-                self.api.power_off(name)  # the unit's poweroff, whatever the runner did
-                self._powered_off.add(name)
+            statuses = vm["properties"]["instanceView"]["statuses"] if vm else []
+            if "PowerState/running" in [status["code"] for status in statuses]:
+                names.append(name)
+        return names
 
-    def _boot(self, name: str) -> None:
-        cloud_config = self.api.custom_data(name)
-        self.custom_data[name] = cloud_config
+    def read_user_data(self, vm_id: str) -> tuple[str, str]:
+        cloud_config = self.api.custom_data(vm_id)
         assert cloud_config.startswith("#cloud-config\n")
         [entry] = json.loads(cloud_config.split("\n", 1)[1])["write_files"]
-        env_file = self.workdir / f"{name}.env"
-        env_file.write_text(entry["content"])
-        log = (self.workdir / f"{name}.log").open("wb")
-        self._runners[name] = subprocess.Popen(
-            [sys.executable, "-m", "runner", "--user-data-file", str(env_file),
-             "--workdir", str(self.workdir / name), "--on-exit", "command",
-             "--on-exit-command", f'echo "$RUNNER_EXIT_CODE" >> {self.workdir / name}.teardown'],
-            env={**os.environ, **self.moto.env()}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        return cloud_config, entry["content"]
+
+    def power_off(self, vm_id: str) -> None:
+        self.api.power_off(vm_id)
 
 
 class AzurePool(Pool):
@@ -118,7 +71,7 @@ class AzurePool(Pool):
 
 
 def _pool(prefect_server, client, bundle_url, tmp_path, moto, api, **variables) -> AzurePool:
-    env = {**moto.env(), "RUNNER_CLOUD": "none", "RUNNER_HEARTBEAT_SECONDS": "2"}
+    env = vm_env(moto)
     return AzurePool(
         prefect_server, client, bundle_url, tmp_path, api=api, worker_env=api.env(),
         variables={"provider": "azure", "project": api.subscription,

@@ -7,9 +7,6 @@ would, and powering the instance off (TERMINATED, its disk kept) when the runner
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,86 +26,35 @@ from runner.launch.providers.gcp import (
     label_value,
 )
 from tests.helpers import run_cli
-from tests.launch.conftest import Pool
-from tests.planted import record
+from tests.launch.conftest import Pool, vm_env
+from tests.launch.simulator import VmSimulator
 
 TYPES = ["n2-standard-2", "n2-standard-4"]
 IMAGE = f"projects/{PROJECT}/global/images/family/{next(iter(IMAGES.values()))[0]}"
 
 
-class SimulatedVms:
-    """Boots each new instance of the pool: its runner runs with the user-data GCE holds
-    in its metadata, and its teardown powers the instance off, as the image's poweroff
-    does on GCE (the instance TERMINATED, its boot disk still there)."""
+class SimulatedVms(VmSimulator):
+    """The stand-in's instances of the pool: the user-data is their metadata attribute,
+    and a poweroff leaves the instance TERMINATED with its boot disk, as on GCE.
+    ``booted[name]`` is the instance as GCE had it at boot."""
 
     def __init__(self, gce: GceApi, moto, pool: str, workdir: Path) -> None:
-        self.gce, self.moto, self.label, self.workdir = gce, moto, label_value(pool), workdir
-        self.booted: dict[str, dict] = {}  # name -> the instance as GCE had it at boot
-        self.errors: list[BaseException] = []
-        self._runners: list[subprocess.Popen[bytes]] = []
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._boot_new_instances, daemon=True)
+        super().__init__(moto, workdir)
+        self.gce, self.label = gce, label_value(pool)
+        self.booted: dict[str, dict] = {}
 
-    def __enter__(self) -> SimulatedVms:
-        self._thread.start()
-        return self
+    def running(self) -> list[str]:
+        instances = self.gce.instances({TAG_POOL: self.label})
+        for instance in instances:
+            self.booted.setdefault(instance["name"], instance)
+        return [i["name"] for i in instances if i["status"] == "RUNNING"]
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        for runner in self._runners:
-            try:
-                runner.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                runner.kill()
-                runner.wait()
-        for log in self.workdir.glob("*.log"):
-            record(log.read_text(errors="replace"))
-        assert not self.errors, self.errors
+    def read_user_data(self, vm_id: str) -> tuple[str, str]:
+        text = self.gce.metadata(vm_id)[USER_DATA_KEY]
+        return text, text
 
-    def _boot_new_instances(self) -> None:
-        try:
-            while not self._stop.wait(0.3):
-                self._poll()
-        except BaseException as exc:  # surfaced by __exit__
-            self.errors.append(exc)
-
-    def _poll(self) -> None:
-        for instance in self.gce.instances({TAG_POOL: self.label}):
-            name = instance["name"]
-            if instance["status"] == "RUNNING" and name not in self.booted:
-                self._boot(instance)
-            poweroff = self.workdir / f"{name}.poweroff"
-            if instance["status"] == "RUNNING" and poweroff.exists():
-                self.gce.power_off(name)
-
-    def _boot(self, instance: dict) -> None:
-        name = instance["name"]
-        self.booted[name] = instance
-        env_file = self.workdir / f"{name}.env"
-        env_file.write_text(self.gce.metadata(name)[USER_DATA_KEY])
-        log = (self.workdir / f"{name}.log").open("wb")
-        self._runners.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "runner",
-                    "--user-data-file",
-                    str(env_file),
-                    "--workdir",
-                    str(self.workdir / name),
-                    "--on-exit",
-                    "command",
-                    "--on-exit-command",
-                    f"touch {self.workdir / f'{name}.poweroff'}",
-                ],
-                env={**os.environ, **self.moto.env()},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        )
+    def power_off(self, vm_id: str) -> None:
+        self.gce.power_off(vm_id)
 
 
 class GcpPool(Pool):
@@ -131,7 +77,7 @@ def gce() -> Iterator[GceApi]:
 
 
 def _pool(prefect_server, client, bundle_url, tmp_path, moto, gce, **variables) -> GcpPool:
-    env = {**moto.env(), "RUNNER_CLOUD": "none", "RUNNER_HEARTBEAT_SECONDS": "2"}
+    env = vm_env(moto)
     return GcpPool(
         prefect_server, client, bundle_url, tmp_path, gce=gce, worker_env=gce.env(),
         variables={"provider": "gcp", "project": PROJECT, "zone": ZONE, "machine_image": IMAGE,
