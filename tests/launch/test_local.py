@@ -87,7 +87,7 @@ def test_an_unknown_provider_crashes_the_run_with_one_line_and_creates_nothing(p
     assert ended.state.is_crashed()
     assert ended.state.message == (
         "could not start a VM: unknown VM provider 'mainframe'; the provider job variable "
-        "takes one of: aws, local"
+        "takes one of: aws, azure, gcp, local"
     )
     assert pool.vms() == []
 
