@@ -92,6 +92,7 @@ bench: install
 	$(PY) -m bench.env
 	$(PY) -m bench.overhead
 	$(PY) -m bench.lifecycle
+	$(PY) -m bench.launch
 
 lint: install
 	$(VENV)/bin/ruff check runner tests bench devtools examples
