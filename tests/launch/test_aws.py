@@ -276,3 +276,29 @@ def _logs(client, flow_run_id) -> list[str]:
 
     logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return [log.message for log in logs]
+
+
+def test_no_credentials_crashes_the_run_with_one_line(
+    prefect_server, client, bundle_url, tmp_path, moto, ami
+):
+    no_credentials = {
+        "AWS_ENDPOINT_URL": moto.url, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance role to look for on loopback
+    }  # fmt: skip
+    pool = _pool(prefect_server, client, bundle_url, tmp_path, moto, ami, worker_env=no_credentials)
+    try:
+        pool.start_worker()
+        run = pool.run("hello")
+        ended = pool.wait_final(run.id, timeout=60)
+    finally:
+        pool.close()
+
+    assert ended.state.is_crashed()
+    assert ended.state.message == (
+        "could not start a VM: reading the machine image: no AWS credentials (an instance "
+        "role, AWS_ACCESS_KEY_ID, a profile)"
+    )
+    assert pool.instances() == []
