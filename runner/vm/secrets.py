@@ -3,6 +3,7 @@ key from an AWS SSM SecureString parameter, with the machine's own role."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from runner import redaction
@@ -24,8 +25,9 @@ def fetch_api_key(settings: Settings) -> None:
         raise ConfigError(
             "--prefect-api-key-ssm needs boto3: pip install 'prefect-vm-runner[s3]'"
         ) from None
+    ssm = boto3.client("ssm")
     try:
-        response = boto3.client("ssm").get_parameter(Name=name, WithDecryption=True)
+        response = ssm.get_parameter(Name=name, WithDecryption=True)
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         raise ConfigError(
@@ -36,3 +38,7 @@ def fetch_api_key(settings: Settings) -> None:
         raise ConfigError(f"could not read SSM parameter {name}: {exc}") from None
     os.environ["PREFECT_API_KEY"] = response["Parameter"]["Value"]
     redaction.watch(None)  # the value is a secret by its variable's name: re-read them
+    # One use: gone once read, where the role may delete it (ssm:DeleteParameter); the
+    # worker deletes it with the VM in any case.
+    with contextlib.suppress(ClientError, BotoCoreError):
+        ssm.delete_parameter(Name=name)
