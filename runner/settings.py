@@ -121,8 +121,9 @@ class Settings(BaseSettings):
     prefect_api_key_ssm: str | None = Field(
         default=None,
         description="Name of an AWS SSM SecureString parameter that holds PREFECT_API_KEY, "
-        "read at start with the machine's role when PREFECT_API_KEY is not set (the vm "
-        "worker's api_key_in_ssm: the key stays out of the VM's user-data).",
+        "read at start with the machine's role when PREFECT_API_KEY is not set, then deleted "
+        "where the role may (the vm worker's api_key_in_ssm: the key stays out of the VM's "
+        "user-data).",
     )
     claim_timeout: float = Field(
         default=600.0,
