@@ -93,6 +93,7 @@ bench: install
 	$(PY) -m bench.overhead
 	$(PY) -m bench.lifecycle
 	$(PY) -m bench.launch
+	$(PY) -m bench.launch_aws
 
 lint: install
 	$(VENV)/bin/ruff check runner tests bench devtools examples
