@@ -64,11 +64,9 @@ class Bench:
             [sys.executable, "-m", "runner", "bundle", "push", str(FLOWS), "--to", "s3://bench/f"],
             env=self.env, capture_output=True, text=True, check=True, cwd=REPO,
         ).stdout.strip()  # fmt: skip
-        template = VmWorker.get_default_base_job_template()
-        template["variables"]["properties"]["machine_image"]["default"] = image
-        template["variables"]["properties"]["env"]["default"] = {
-            **s3.env(), "RUNNER_CLOUD": "none",
-        }  # fmt: skip
+        template = VmWorker.template_with(
+            machine_image=image, env={**s3.env(), "RUNNER_CLOUD": "none"}
+        )
         self.workers: list[subprocess.Popen[bytes]] = []
         self.deployments = {}
         with get_client(sync_client=True) as client:

@@ -60,11 +60,9 @@ def _bench(server, moto, proxy: FaultProxy, scratch: Path, runs: int) -> dict:
         aws_access_key_id="testing", aws_secret_access_key="testing",
     )  # fmt: skip
     ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    template = VmWorker.get_default_base_job_template()
-    defaults = {"provider": "aws", "region": "us-east-1", "machine_image": ami,
-                "vm_types": ["m6i.large"]}  # fmt: skip
-    for name, value in defaults.items():
-        template["variables"]["properties"][name]["default"] = value
+    template = VmWorker.template_with(
+        provider="aws", region="us-east-1", machine_image=ami, vm_types=["m6i.large"]
+    )
     http = httpx.Client(base_url=server.api_url, timeout=30)
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=POOL, type="vm", base_job_template=template))

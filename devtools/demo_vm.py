@@ -76,11 +76,8 @@ def _create_pool(image: str, *, vm_env: dict[str, str]) -> None:
 
     from runner.launch.worker import VmWorker
 
-    template = VmWorker.get_default_base_job_template()
-    variables = template["variables"]["properties"]
-    variables["machine_image"]["default"] = image
     # The VM reaches the bundle on moto; there is no cloud metadata service to ask here.
-    variables["env"]["default"] = {**vm_env, "RUNNER_CLOUD": "none"}
+    template = VmWorker.template_with(machine_image=image, env={**vm_env, "RUNNER_CLOUD": "none"})
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=POOL, type="vm", base_job_template=template))
 

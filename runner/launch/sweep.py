@@ -109,8 +109,7 @@ def sweep_command(pool: str, *, grace: float, say: Callable[[str], None]) -> int
     from prefect.exceptions import ObjectNotFound
 
     from runner.errors import ConfigError
-    from runner.launch.providers import provider_for
-    from runner.launch.worker import VmJobConfiguration, provider_config
+    from runner.launch.worker import VmJobConfiguration, provider_of
 
     with get_client(sync_client=True) as client:
         try:
@@ -126,7 +125,7 @@ def sweep_command(pool: str, *, grace: float, say: Callable[[str], None]) -> int
         if spec.get("default") is not None and name in VmJobConfiguration.model_fields
     }
     configuration = VmJobConfiguration(**defaults)
-    provider = provider_for(configuration.provider, **provider_config(configuration))
+    provider = provider_of(configuration)
     deleted = sweep_pool(provider, pool, read_state, grace=grace, say=say)
     say(f"swept pool {pool}: {len(deleted)} VM(s) deleted")
     return 0

@@ -168,6 +168,15 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
 
     _last_sweep = 0.0
 
+    @classmethod
+    def template_with(cls, **defaults: Any) -> dict[str, Any]:
+        """The pool's base job template with these variables' defaults, for
+        ``WorkPoolCreate(type="vm", base_job_template=...)``."""
+        template = cls.get_default_base_job_template()
+        for name, value in defaults.items():
+            template["variables"]["properties"][name]["default"] = value
+        return template
+
     async def run(
         self,
         flow_run: FlowRun,
@@ -176,7 +185,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
     ) -> VmWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
         try:
-            provider = provider_for(configuration.provider, **provider_config(configuration))
+            provider = provider_of(configuration)
             request = self._request(flow_run, configuration)
             vm = await anyio.to_thread.run_sync(_launch, provider, request, configuration, logger)
         except RunnerError as exc:  # bad input or no capacity anywhere: one line, Crashed
@@ -328,7 +337,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
     ) -> None:
         """A cancel: the runner in the VM ends the run and powers off; after the grace
         period the VM is deleted whatever it does."""
-        provider = provider_for(configuration.provider, **provider_config(configuration))
+        provider = provider_of(configuration)
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline:
             vm = await anyio.to_thread.run_sync(provider.describe, infrastructure_pid)
@@ -345,7 +354,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
                 configuration = await VmJobConfiguration.from_template_and_values(
                     self.work_pool.base_job_template, {}, client=self.client
                 )
-                provider = provider_for(configuration.provider, **provider_config(configuration))
+                provider = provider_of(configuration)
                 await anyio.to_thread.run_sync(
                     partial(
                         sweep.sweep_pool,
@@ -360,18 +369,20 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
         return await super().get_and_submit_flow_runs()
 
 
-def provider_config(configuration: VmJobConfiguration) -> dict[str, Any]:
-    """What a provider is made from: where, not what (that is per VM, in the request)."""
-    return {
-        "project": configuration.project,
-        "resource_group": configuration.resource_group,
-        "region": configuration.region,
-        "zone": configuration.zone,
-        "subnet": configuration.subnet,
-        "security_groups": configuration.security_groups,
-        "identity": configuration.identity,
-        "api_key_in_ssm": configuration.api_key_in_ssm,
-    }
+def provider_of(configuration: VmJobConfiguration) -> Provider:
+    """The configuration's provider, made from where VMs go (what each VM is, is in its
+    request)."""
+    return provider_for(
+        configuration.provider,
+        project=configuration.project,
+        resource_group=configuration.resource_group,
+        region=configuration.region,
+        zone=configuration.zone,
+        subnet=configuration.subnet,
+        security_groups=configuration.security_groups,
+        identity=configuration.identity,
+        api_key_in_ssm=configuration.api_key_in_ssm,
+    )
 
 
 def _launch(

@@ -53,9 +53,7 @@ class Pool:
 
         from runner.launch.worker import VmWorker
 
-        template = VmWorker.get_default_base_job_template()
-        for name, value in variables.items():
-            template["variables"]["properties"][name]["default"] = value
+        template = VmWorker.template_with(**variables)
         client.create_work_pool(
             WorkPoolCreate(name=self.name, type="vm", base_job_template=template)
         )
