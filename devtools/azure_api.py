@@ -50,6 +50,7 @@ IMAGE_SIZE_GB = 30  # the image's OS disk: a smaller diskSizeGB is refused
 SIZES = {
     "Standard_D2s_v5": (2, 8),
     "Standard_D4s_v5": (4, 16),
+    "Standard_D4as_v5": (4, 16),
     "Standard_E4s_v5": (4, 32),
     "Standard_NC4as_T4_v3": (4, 28),
 }

@@ -37,6 +37,7 @@ LINK = "https://www.googleapis.com/compute/v1/"  # what GCE's selfLinks start wi
 # machine type -> (vCPUs, memory MiB)
 MACHINE_TYPES = {
     "e2-standard-2": (2, 8192),
+    "e2-standard-4": (4, 16384),
     "n2-standard-2": (2, 8192),
     "n2-standard-4": (4, 16384),
     "g2-standard-4": (4, 16384),

@@ -10,6 +10,7 @@ import logging
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from runner import __version__, logs, redaction
 from runner.errors import ExitCode, RunnerError, internal_error_line
@@ -218,6 +219,30 @@ def _add_launch_command(commands: argparse._SubParsersAction) -> None:
         help="how long after its run ended a VM is left to its own worker [default: 300]",
     )
     sweep.set_defaults(handler=_launch_sweep)
+    catalog = actions.add_parser(
+        "catalog",
+        help="refresh a cloud's instance-type catalog from the cloud",
+        description="Re-read each instance type of the cloud's catalog (the one this package "
+        "ships, or --out) from the cloud: vCPUs, memory, GPUs and architecture from its "
+        "compute API, the on-demand Linux price from its price list. The worker picks the "
+        "cheapest types that meet cpu, memory, gpu and arm from this catalog. Credentials "
+        "as the cloud's provider reads them.",
+    )
+    catalog.add_argument("cloud", choices=("aws", "gcp", "azure"))
+    catalog.add_argument(
+        "--region", help="the region to read [aws: us-east-1, gcp: us-central1, azure: eastus]"
+    )
+    catalog.add_argument("--project", help="the GCP project or Azure subscription id to read with")
+    catalog.add_argument(
+        "--add", action="append", default=[], metavar="TYPE", help="add this type (repeatable)"
+    )
+    catalog.add_argument(
+        "--drop", action="append", default=[], metavar="TYPE", help="drop this type (repeatable)"
+    )
+    catalog.add_argument(
+        "--out", type=Path, help="the catalog file to refresh [default: the packaged one]"
+    )
+    catalog.set_defaults(handler=_launch_catalog)
 
 
 def _launch_sweep(args: argparse.Namespace) -> int:
@@ -225,6 +250,21 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     from runner.launch.sweep import sweep_command
 
     return sweep_command(args.pool, grace=args.grace, say=print)
+
+
+def _launch_catalog(args: argparse.Namespace) -> int:
+    logs.configure("INFO")
+    from runner.launch.catalog.refresh import refresh
+
+    return refresh(
+        args.cloud,
+        region=args.region,
+        project=args.project,
+        add=args.add,
+        drop=args.drop,
+        out=args.out,
+        say=print,
+    )
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -1,11 +1,13 @@
 """The packaged instance-type catalog of each cloud (<cloud>.json here), and the choice of
-the cheapest types that meet what a flow needs."""
+the cheapest types that meet what a flow needs. ``python -m runner launch catalog CLOUD``
+re-reads it from the cloud (runner/launch/catalog/refresh.py)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 
 from runner.errors import ConfigError
 
@@ -23,13 +25,32 @@ class VmType:
     on_demand: float  # USD per hour, list price
 
 
-def load(cloud: str) -> dict[str, VmType] | None:
-    """The cloud's catalog, or None for a provider without one (local)."""
-    path = resources.files(__package__) / f"{cloud}.json"
+def packaged(cloud: str) -> Path:
+    """Where the cloud's catalog ships, in this package."""
+    return Path(str(resources.files(__package__) / f"{cloud}.json"))
+
+
+def load(cloud: str, path: Path | None = None) -> dict[str, VmType] | None:
+    """The cloud's catalog (the packaged one, or the one at ``path``), or None for a
+    provider without one (local)."""
+    path = path or packaged(cloud)
     if not path.is_file():
         return None
     types = json.loads(path.read_text())["types"]
     return {name: VmType(name, **spec) for name, spec in types.items()}
+
+
+def dump(types: dict[str, VmType], *, about: str) -> str:
+    """The catalog file's text: one type per line, in name order, so that a refresh's diff
+    shows what changed."""
+    width = max(len(json.dumps(name)) for name in types) + 1
+    lines = [
+        f"    {json.dumps(name) + ':':<{width}} "
+        + json.dumps({k: v for k, v in asdict(types[name]).items() if k != "name"})
+        for name in sorted(types)
+    ]
+    body = ",\n".join(lines)
+    return f'{{\n  "about": {json.dumps(about)},\n  "types": {{\n{body}\n  }}\n}}\n'
 
 
 def cheapest(
