@@ -1,6 +1,8 @@
 """A loopback stand-in for the Azure Resource Manager endpoints the azure provider uses (VMs,
-NICs, public IPs, managed disks, their async operations, boot diagnostics) and an App Service
-style managed-identity token endpoint, over TLS with a throwaway certificate.
+NICs, public IPs, managed disks, their async operations, boot diagnostics, the Resource SKUs
+list), an App Service style managed-identity token endpoint, and (on a port of its own, as
+prices.azure.com is a host of its own) the public Azure Retail Prices API, over TLS with a
+throwaway certificate.
 
     with AzureApi() as api:
         ComputeManagementClient(StaticToken(), api.subscription, base_url=api.url,
@@ -13,6 +15,14 @@ creates and deletes answered 201/202 with ``Azure-AsyncOperation`` to poll until
 operation ends. A VM's OS disk and NIC are resources of their own (a stopped VM keeps them;
 ``deleteOption: Delete`` removes them with it). Tests make capacity fail (``no_capacity``),
 power a VM off from inside (``power_off``) and read the custom data ARM never returns.
+
+The Resource SKUs list (``GET /subscriptions/{sub}/providers/Microsoft.Compute/skus``) holds
+the VM sizes of ``SIZES`` in each of ``REGIONS``, as ARM's documents (capabilities as
+name/value strings, locationInfo, restrictions), among other resource types' SKUs, and one
+size the subscription may not use (``RESTRICTED_SIZE``). The price list (``api.prices``,
+at ``api.prices_url``) takes no credentials and refuses a request that carries any; it holds,
+for each size and region, the Linux pay-as-you-go meter and its decoys (Windows, Spot, Low
+Priority, DevTest, reservations, a non-primary meter); tests add or withdraw meters.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from devtools.server_process import HOST
 
@@ -44,6 +54,8 @@ TOKEN = "test-token"  # the one bearer token ARM accepts (the token endpoint han
 SUBSCRIPTION = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"
 RESOURCE_GROUP = "prefect-vms"
 LOCATION = "westeurope"
+# The locations the SKU and price lists know (the price list names them its own way).
+REGIONS = {"westeurope": "EU West", "eastus": "US East", "westus2": "US West 2"}
 IMAGE_NAME = "prefect-vm-runner"
 IMAGE_SIZE_GB = 30  # the image's OS disk: a smaller diskSizeGB is refused
 # size -> (vCPUs, GiB of memory)
@@ -53,7 +65,34 @@ SIZES = {
     "Standard_D4as_v5": (4, 16),
     "Standard_E4s_v5": (4, 32),
     "Standard_NC4as_T4_v3": (4, 28),
+    "Standard_D2ps_v5": (2, 8),
 }
+# A size ARM lists with a NotAvailableForSubscription restriction in every location: VMs of
+# it are refused (it is not in SIZES) and it has prices, as the real one does.
+RESTRICTED_SIZE = "Standard_NC24ads_A100_v4"
+# size -> (family, the price list's series, NVIDIA GPUs, arm): what the SKU list and the
+# price list say beyond SIZES
+_SKU_FACTS = {
+    "Standard_D2s_v5": ("standardDSv5Family", "Dsv5", 0, False),
+    "Standard_D4s_v5": ("standardDSv5Family", "Dsv5", 0, False),
+    "Standard_D4as_v5": ("standardDASv5Family", "Dasv5", 0, False),
+    "Standard_E4s_v5": ("standardESv5Family", "Esv5", 0, False),
+    "Standard_NC4as_T4_v3": ("Standard NCASv3_T4 Family", "NCasT4 v3", 1, False),
+    "Standard_D2ps_v5": ("standardDPSv5Family", "Dpsv5", 0, True),
+    RESTRICTED_SIZE: ("StandardNCADSA100v4Family", "NCadsA100 v4", 1, False),
+}
+_RESTRICTED_SPEC = (24, 220)
+# The Linux pay-as-you-go list price in eastus, USD per hour; other regions cost more.
+LINUX_PRICES = {
+    "Standard_D2s_v5": 0.096,
+    "Standard_D4s_v5": 0.192,
+    "Standard_D4as_v5": 0.172,
+    "Standard_E4s_v5": 0.252,
+    "Standard_NC4as_T4_v3": 0.526,
+    "Standard_D2ps_v5": 0.077,
+    RESTRICTED_SIZE: 3.673,
+}
+_REGION_FACTOR = {"eastus": 1.0, "westus2": 1.0, "westeurope": 1.15}
 _KINDS = {
     ("microsoft.compute", "virtualmachines"): "Microsoft.Compute/virtualMachines",
     ("microsoft.compute", "disks"): "Microsoft.Compute/disks",
@@ -167,6 +206,10 @@ class AzureApi:
             "Microsoft.ManagedIdentity/userAssignedIdentities", "runner-identity"
         )
         self.identity_header = secrets.token_hex(16)
+        # What the token endpoint hands out: ARM accepts TOKEN only (tests hand out another
+        # to have the credentials refused).
+        self.issued_token = TOKEN
+        self.sku_page_size = 4
         # Every VM body a PUT was accepted with, deleted or not, by lower-case name.
         self.vm_requests: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every ARM request
@@ -185,9 +228,14 @@ class AzureApi:
         self.url = f"https://{HOST}:{self._httpd.server_address[1]}"
         self.scope = f"{self.url}/.default"  # the token audience ARM here accepts
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._prices_httpd = _TlsServer((HOST, 0), _prices_handler(self), context)
+        self.prices_url = f"https://{HOST}:{self._prices_httpd.server_address[1]}"
+        self.prices = RetailPrices(self.prices_url)
+        self._prices_thread = threading.Thread(target=self._prices_httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> AzureApi:
         self._thread.start()
+        self._prices_thread.start()
         return self
 
     def __exit__(
@@ -196,16 +244,18 @@ class AzureApi:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        for httpd in (self._httpd, self._prices_httpd):
+            httpd.shutdown()
+            httpd.server_close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def env(self) -> dict[str, str]:
-        """What a process needs to use the stand-in: the provider's ARM endpoint, trust in
-        the certificate, and a managed identity (App Service's protocol) for
-        DefaultAzureCredential."""
+        """What a process needs to use the stand-in: the provider's ARM endpoint (and the
+        catalog refresh's price list), trust in the certificate, and a managed identity (App
+        Service's protocol) for DefaultAzureCredential."""
         return {
             "RUNNER_AZURE_ARM_ENDPOINT": self.url,
+            "RUNNER_AZURE_PRICES_ENDPOINT": self.prices_url,
             "REQUESTS_CA_BUNDLE": self.ca_file,
             "IDENTITY_ENDPOINT": f"{self.url}/msi/token",
             "IDENTITY_HEADER": self.identity_header,
@@ -533,6 +583,62 @@ class AzureApi:
             "serialConsoleLogBlobUri": f"{blob}/serialconsole.log?{sas}",
         }
 
+    # -- resource SKUs -------------------------------------------------------------------
+
+    def list_skus(self, query: dict[str, str]) -> dict[str, Any]:
+        """A page of the subscription's Microsoft.Compute SKUs, in one location or all."""
+        for name in query:
+            if name not in ("api-version", "$filter", "$skiptoken", "includeExtendedLocations"):
+                raise _bad(f"The query parameter '{name}' is not supported.", name)
+        where = query.get("$filter")
+        locations = list(REGIONS)
+        if where is not None:
+            match = re.fullmatch(r"\s*location\s+eq\s+'([^']*)'\s*", where)
+            if match is None:  # what the compute RP says of any other filter
+                raise _bad(
+                    f"The filter '{where}' is not valid. Only the location filter is supported: "
+                    "$filter=location eq '<location>'.",
+                    "$filter",
+                    "InvalidFilter",
+                )
+            wanted = match[1].replace(" ", "").lower()
+            locations = [location for location in REGIONS if location == wanted]
+        skus = [sku for location in locations for sku in self._skus(location)]
+        skip = _skip(query)
+        page: dict[str, Any] = {"value": skus[skip : skip + self.sku_page_size]}
+        if skip + self.sku_page_size < len(skus):
+            params = {
+                "api-version": query["api-version"],
+                "$skiptoken": str(skip + self.sku_page_size),
+            }
+            if where is not None:
+                params["$filter"] = where
+            page["nextLink"] = (
+                f"{self.url}/subscriptions/{self.subscription}/providers/Microsoft.Compute/skus"
+                f"?{_query_string(params)}"
+            )
+        return page
+
+    def _skus(self, location: str) -> list[dict[str, Any]]:
+        """The location's SKUs as ARM lists them: VM sizes among disks and availability sets."""
+        sizes = {**SIZES, RESTRICTED_SIZE: _RESTRICTED_SPEC}
+        others = [
+            _disk_sku(location, "Premium_LRS", "P1", 4),
+            _disk_sku(location, "StandardSSD_LRS", "E1", 4),
+            {
+                "resourceType": "availabilitySets",
+                "name": "Aligned",
+                "locations": [location],
+                "capabilities": [{"name": "MaximumPlatformFaultDomainCount", "value": "3"}],
+            },
+        ]
+        skus = []
+        for index, name in enumerate(sorted(sizes)):
+            skus.append(_vm_sku(location, name, *sizes[name], restricted=name == RESTRICTED_SIZE))
+            if index % 3 == 1 and others:
+                skus.append(others.pop())
+        return skus + others
+
     # -- network interfaces and public IPs ---------------------------------------------------
 
     def put_nic(self, name: str, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -770,6 +876,89 @@ class AzureApi:
                 f"'{kind}'. List of available regions for the resource type is "
                 f"'{self.location}'.",
             )
+
+
+def _vm_sku(
+    location: str, name: str, vcpus: int, memory: float, *, restricted: bool
+) -> dict[str, Any]:
+    """A VM size's ResourceSku document: capabilities are name/value strings, GPUs only for
+    sizes that have them."""
+    family, _, gpus, arm = _SKU_FACTS[name]
+    capabilities = {
+        "MaxResourceVolumeMB": "0",
+        "OSVhdSizeMB": "1047552",
+        "vCPUs": str(vcpus),
+        "MemoryPreservingMaintenanceSupported": "True",
+        "HyperVGenerations": "V2" if arm else "V1,V2",
+        "MemoryGB": f"{memory:g}",
+        "MaxDataDiskCount": str(min(64, vcpus * 2 + 2)),
+        "CpuArchitectureType": "Arm64" if arm else "x64",
+        "LowPriorityCapable": "True",
+        "PremiumIO": "True",
+        "VMDeploymentTypes": "IaaS",
+        "vCPUsAvailable": str(vcpus),
+        "ACUs": "195",
+        "vCPUsPerCore": "1" if arm or gpus else "2",
+        "EphemeralOSDiskSupported": "False",
+        "AcceleratedNetworkingEnabled": "True",
+        "RdmaEnabled": "False",
+        "MaxNetworkInterfaces": "2",
+    }
+    if gpus:
+        capabilities["GPUs"] = str(gpus)
+    zones = ["1", "2", "3"]
+    restrictions: list[dict[str, Any]] = []
+    if restricted:
+        restrictions = [
+            {
+                "type": "Location",
+                "values": [location],
+                "restrictionInfo": {"locations": [location]},
+                "reasonCode": "NotAvailableForSubscription",
+            },
+            {
+                "type": "Zone",
+                "values": [location],
+                "restrictionInfo": {"locations": [location], "zones": zones},
+                "reasonCode": "NotAvailableForSubscription",
+            },
+        ]
+    elif gpus:  # the GPU size may be used, but not in zone 3: still offered
+        restrictions = [
+            {
+                "type": "Zone",
+                "values": [location],
+                "restrictionInfo": {"locations": [location], "zones": ["3"]},
+                "reasonCode": "NotAvailableForSubscription",
+            }
+        ]
+    return {
+        "resourceType": "virtualMachines",
+        "name": name,
+        "tier": "Standard",
+        "size": name.removeprefix("Standard_"),
+        "family": family,
+        "locations": [location],
+        "locationInfo": [{"location": location, "zones": zones, "zoneDetails": []}],
+        "capabilities": [{"name": key, "value": value} for key, value in capabilities.items()],
+        "restrictions": restrictions,
+    }
+
+
+def _disk_sku(location: str, name: str, size: str, gib: int) -> dict[str, Any]:
+    return {
+        "resourceType": "disks",
+        "name": name,
+        "tier": name.split("_")[0],
+        "size": size,
+        "locations": [location],
+        "capabilities": [
+            {"name": "MaxSizeGiB", "value": str(gib)},
+            {"name": "MinSizeGiB", "value": "0"},
+            {"name": "MaxIOps", "value": "120"},
+        ],
+        "restrictions": [],
+    }
 
 
 _CAPACITY_MESSAGES = {
@@ -1070,11 +1259,19 @@ _OPERATION = re.compile(
     r"operations/(?P<id>[^/]+)$",
     re.IGNORECASE,
 )
+_SKUS = re.compile(
+    r"^/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.Compute/skus$", re.IGNORECASE
+)
 Answer = tuple[int, Any, dict[str, str]]
 
 
 def _route(api: AzureApi, method: str, path: str, query: dict[str, str], body: Any) -> Answer:
     """One ARM request (its auth and api-version already checked)."""
+    if match := _SKUS.match(path):
+        _check_subscription(api, match["sub"])
+        if method != "GET":
+            raise ArmError(405, "MethodNotAllowed", f"{method} is not allowed on skus.")
+        return 200, api.list_skus(query), {}
     if match := _OPERATION.match(path):
         _check_subscription(api, match["sub"])
         if method != "GET":
@@ -1240,7 +1437,7 @@ def _handler(api: AzureApi) -> type[BaseHTTPRequestHandler]:
             if query.get("resource", "").rstrip("/") != api.url:
                 return self._json(400, {"statusCode": 400, "message": "unknown resource"})
             self._json(200, {
-                "access_token": TOKEN,
+                "access_token": api.issued_token,
                 "expires_on": str(int(time.time()) + 3600),
                 "resource": query["resource"],
                 "token_type": "Bearer",
@@ -1271,6 +1468,311 @@ def _handler(api: AzureApi) -> type[BaseHTTPRequestHandler]:
             for name, value in headers.items():
                 self.send_header(name, value)
             self.send_header("x-ms-request-id", str(uuid.uuid4()))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+# -- the Azure Retail Prices API (prices.azure.com) -------------------------------------------
+
+PRICES_API_VERSIONS = ("2021-10-01-preview", "2023-01-01-preview")
+# $filter's fields (as the real list documents them; priceType filters the items' "type")
+_PRICE_FIELDS = {
+    name.lower(): key
+    for name, key in {
+        "armRegionName": "armRegionName",
+        "location": "location",
+        "meterId": "meterId",
+        "meterName": "meterName",
+        "productId": "productId",
+        "skuId": "skuId",
+        "productName": "productName",
+        "skuName": "skuName",
+        "serviceName": "serviceName",
+        "serviceId": "serviceId",
+        "serviceFamily": "serviceFamily",
+        "priceType": "type",
+        "armSkuName": "armSkuName",
+    }.items()
+}
+_FILTER_TOKEN = re.compile(
+    r"\s*(?:(?P<paren>[()])|'(?P<text>(?:[^']|'')*)'|(?P<word>\w+)|(?P<other>\S))"
+)
+
+
+@dataclass
+class PriceRequest:
+    """A request the price list got: its query, and whether it carried credentials."""
+
+    query: dict[str, list[str]]
+    authorized: bool
+
+
+class RetailPrices:
+    """The public price list: no credentials (a request with an ``Authorization`` header is
+    refused: a client that sends its ARM token here leaks it); ``$filter`` takes ``eq``,
+    ``and``, ``or`` and parentheses over the documented fields (anything else is a 400, as
+    ``in (...)`` or an unknown field is for the real one), values case-sensitive from
+    2023-01-01-preview on; ``page_size`` items a page, then ``NextPageLink``."""
+
+    def __init__(self, url: str, *, page_size: int = 4) -> None:
+        self.url, self.page_size = url, page_size
+        self.items: list[dict[str, Any]] = []
+        self.requests: list[PriceRequest] = []
+        self._lock = threading.Lock()
+        for region in REGIONS:
+            for sku in sorted(LINUX_PRICES):
+                self._meters(sku, region)
+
+    def add_price(
+        self,
+        sku: str,
+        region: str,
+        usd: float,
+        *,
+        windows: bool = False,
+        priority: str = "",
+        price_type: str = "Consumption",
+        primary: bool = True,
+        term: str | None = None,
+    ) -> dict[str, Any]:
+        """One meter of ``sku`` in ``region``, as the list holds it: Linux pay-as-you-go unless
+        ``windows``, a ``priority`` ("Spot", "Low Priority"), another ``price_type``
+        ("DevTestConsumption", "Reservation" with a ``term`` such as "1 Year", its price for
+        the whole term) or not the ``primary`` meter region."""
+        series = _SKU_FACTS[sku][1] if sku in _SKU_FACTS else sku.split("_")[1]
+        meter = " ".join([sku.removeprefix("Standard_").replace("_", " "), priority]).strip()
+        product = f"Virtual Machines {series} Series" + (" Windows" if windows else "")
+        key = f"{product}/{meter}/{region}/{price_type}/{term}/{primary}"
+        product_id = "DZH318Z0" + uuid.uuid5(uuid.NAMESPACE_URL, product).hex[:4].upper()
+        item: dict[str, Any] = {"currencyCode": "USD", "tierMinimumUnits": 0.0}
+        if term:
+            item["reservationTerm"] = term
+        item.update({
+            "retailPrice": usd,
+            "unitPrice": usd,
+            "armRegionName": region,
+            "location": REGIONS.get(region, region),
+            "effectiveStartDate": "2024-05-01T00:00:00Z",
+            "meterId": str(uuid.uuid5(uuid.NAMESPACE_URL, key)),
+            "meterName": meter,
+            "productId": product_id,
+            "skuId": f"{product_id}/{uuid.uuid5(uuid.NAMESPACE_URL, meter).hex[:4].upper()}",
+            "productName": product,
+            "skuName": meter,
+            "serviceName": "Virtual Machines",
+            "serviceId": "DZH313Z7MMC8",
+            "serviceFamily": "Compute",
+            "unitOfMeasure": "1 Hour",
+            "type": price_type,
+            "isPrimaryMeterRegion": primary,
+            "armSkuName": sku,
+        })  # fmt: skip
+        if price_type == "Consumption" and not priority:  # 2023-01-01-preview's savings plans
+            item["savingsPlan"] = [
+                {"unitPrice": round(usd * 0.44, 6), "retailPrice": round(usd * 0.44, 6),
+                 "term": "3 Years"},
+                {"unitPrice": round(usd * 0.66, 6), "retailPrice": round(usd * 0.66, 6),
+                 "term": "1 Year"},
+            ]  # fmt: skip
+        with self._lock:
+            self.items.append(item)
+        return item
+
+    def withdraw_price(self, sku: str, region: str) -> None:
+        """The list has no Linux pay-as-you-go meter of ``sku`` in ``region`` any more (its
+        decoys stay)."""
+        with self._lock:
+            self.items = [
+                item
+                for item in self.items
+                if not (item["armSkuName"] == sku and item["armRegionName"] == region
+                        and _linux_pay_as_you_go(item))
+            ]  # fmt: skip
+
+    def _meters(self, sku: str, region: str) -> None:
+        """What the real list holds for a size: the Linux pay-as-you-go meter among its
+        decoys."""
+        linux = round(LINUX_PRICES[sku] * _REGION_FACTOR[region], 4)
+        windows = round(linux + 0.046 * (SIZES.get(sku) or _RESTRICTED_SPEC)[0], 4)
+        arm = _SKU_FACTS[sku][3]
+        self.add_price(sku, region, round(linux * 0.12, 4), priority="Spot")
+        if not arm:  # no Windows on arm sizes
+            self.add_price(sku, region, windows, windows=True)
+            self.add_price(sku, region, round(windows * 0.12, 4), windows=True, priority="Spot")
+            self.add_price(sku, region, linux, windows=True, price_type="DevTestConsumption")
+        self.add_price(sku, region, linux)
+        self.add_price(sku, region, round(linux * 8760 * 0.62, 2), price_type="Reservation",
+                       term="1 Year")  # fmt: skip
+        self.add_price(sku, region, round(linux * 0.2, 4), priority="Low Priority")
+        self.add_price(sku, region, round(linux * 1.08, 4), primary=False)
+        self.add_price(sku, region, round(linux * 26280 * 0.4, 2), price_type="Reservation",
+                       term="3 Years")  # fmt: skip
+
+    def answer(
+        self, method: str, path: str, raw_query: str, authorization: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        """(status, JSON) for one request."""
+        query = parse_qs(raw_query, keep_blank_values=True)
+        with self._lock:
+            self.requests.append(PriceRequest(query, authorization is not None))
+        if authorization is not None:
+            return _price_error(
+                401, "an Authorization header was sent to the public price list (it takes none)"
+            )
+        if path != "/api/retail/prices":
+            return _price_error(404, f"No route for '{path}'.", code="NotFound")
+        if method != "GET":
+            return _price_error(405, f"{method} is not allowed.", code="MethodNotAllowed")
+        try:
+            return 200, self._page(query)
+        except ValueError as exc:
+            return _price_error(400, f"Invalid OData parameters supplied: {exc}")
+
+    def _page(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        known = ("api-version", "$filter", "$skip", "currencyCode", "meterRegion")
+        for name, values in query.items():
+            if name not in known:
+                raise ValueError(f"unknown query parameter {name!r}")
+            if len(values) != 1:
+                raise ValueError(f"{name} given {len(values)} times")
+        params = {name: values[0] for name, values in query.items()}
+        version = params.get("api-version")
+        if version is not None and version not in PRICES_API_VERSIONS:
+            raise ValueError(f"api-version {version!r} is not supported")
+        if params.get("currencyCode", "'USD'") != "'USD'":
+            raise ValueError("this list holds USD prices only")
+        if params.get("meterRegion", "'primary'") != "'primary'":
+            raise ValueError("meterRegion takes 'primary'")
+        skip = params.get("$skip", "0")
+        if not skip.isdigit():
+            raise ValueError(f"$skip {skip!r} is not a number")
+        test = _price_filter(
+            params.get("$filter", ""), case_sensitive=version == "2023-01-01-preview"
+        )
+        with self._lock:
+            items = [
+                item
+                for item in self.items
+                if test(item) and (item["isPrimaryMeterRegion"] or "meterRegion" not in params)
+            ]
+        start, end = int(skip), int(skip) + self.page_size
+        link = None
+        if end < len(items):
+            rest = {name: value for name, value in params.items() if name != "$skip"}
+            # The real list names its port in these links (https://prices.azure.com:443/...).
+            rest["$skip"] = str(end)
+            link = f"{self.url}/api/retail/prices?{_query_string(rest)}"
+        page = items[start:end]
+        return {
+            "BillingCurrency": "USD",
+            "CustomerEntityId": "Default",
+            "CustomerEntityType": "Retail",
+            "Items": page,
+            "NextPageLink": link,
+            "Count": len(page),
+        }
+
+
+def _linux_pay_as_you_go(item: dict[str, Any]) -> bool:
+    return (
+        item["type"] == "Consumption"
+        and "Windows" not in item["productName"]
+        and not item["skuName"].endswith((" Spot", " Low Priority"))
+    )
+
+
+def _query_string(params: dict[str, str]) -> str:
+    # As the real links read: $filter, $skip and quotes as they are, spaces as %20.
+    return urlencode(params, quote_via=quote, safe="$'")
+
+
+def _price_error(status: int, message: str, *, code: str = "BadRequest") -> tuple[int, Any]:
+    return status, {"Error": {"Code": code, "Message": message}}
+
+
+def _price_filter(text: str, *, case_sensitive: bool) -> Callable[[dict[str, Any]], bool]:
+    """``text`` (OData: eq, and, or, parentheses) as a test of an item."""
+    tokens: list[tuple[str, str]] = []
+    for match in _FILTER_TOKEN.finditer(text):
+        kind = match.lastgroup or "other"
+        if kind == "other":
+            raise ValueError(f"unexpected {match[kind]!r} in $filter")
+        value = match[kind]
+        tokens.append((kind, value.replace("''", "'") if kind == "text" else value))
+    if not tokens:
+        return lambda item: True
+    at = 0
+
+    def take(kind: str, value: str) -> bool:
+        nonlocal at
+        if at < len(tokens) and tokens[at] == (kind, value):
+            at += 1
+            return True
+        return False
+
+    def either() -> Callable[[dict[str, Any]], bool]:
+        tests = [both()]
+        while take("word", "or"):
+            tests.append(both())
+        return lambda item: any(test(item) for test in tests)
+
+    def both() -> Callable[[dict[str, Any]], bool]:
+        tests = [one()]
+        while take("word", "and"):
+            tests.append(one())
+        return lambda item: all(test(item) for test in tests)
+
+    def one() -> Callable[[dict[str, Any]], bool]:
+        nonlocal at
+        if take("paren", "("):
+            test = either()
+            if not take("paren", ")"):
+                raise ValueError("a '(' in $filter is not closed")
+            return test
+        if at + 3 > len(tokens):
+            raise ValueError("$filter ends too soon")
+        (kind, field_name), (_, operator), (value_kind, value) = tokens[at : at + 3]
+        at += 3
+        key = _PRICE_FIELDS.get(field_name.lower()) if kind == "word" else None
+        if key is None:
+            raise ValueError(f"cannot filter on {field_name!r}")
+        if operator != "eq" or value_kind != "text":
+            raise ValueError(f"only {field_name} eq '<value>' is supported here")
+        if case_sensitive:
+            return lambda item: item.get(key) == value
+        return lambda item: str(item.get(key, "")).lower() == value.lower()
+
+    test = either()
+    if at != len(tokens):
+        raise ValueError(f"unexpected {tokens[at][1]!r} in $filter")
+    return test
+
+
+def _prices_handler(api: AzureApi) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self._serve("GET")
+
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+        def _serve(self, method: str) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            split = urlsplit(self.path)
+            status, body = api.prices.answer(
+                method, split.path, split.query, self.headers.get("Authorization")
+            )
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

@@ -1,20 +1,28 @@
-"""A loopback stand-in for the few Compute Engine endpoints the gcp provider uses (instances,
-zone operations, disks, machine types, images) and for the metadata server's token, strict
+"""A loopback stand-in for the few Compute Engine endpoints the gcp provider and the gcp
+catalog use (instances, zone operations, disks, machine types, images, regions), for Compute
+Engine's SKUs in the Cloud Billing Catalog API, and for the metadata server's token, strict
 about auth headers and request shapes as the real ones are.
 
     with GceApi() as gce:
         subprocess.run(..., env={**os.environ, **gce.env()})  # the real SDK, pointed here
         gce.exhaust("n2-standard-2", "SPOT")  # inserts of that type on spot fail
         gce.metadata(name)["prefect-vm-runner-env"]; gce.power_off(name)
+        gce.add_sku("N2 Instance Core running in Americas", ["us-central1"], 0.031611, "h")
 
 It speaks REST JSON as ``compute.googleapis.com/compute/v1`` does (operations that end
 ``DONE``, errors as ``{"error": {"code", "message", "errors": [{"reason"...}]}}``), and the
 metadata server's ``/computeMetadata/v1/`` as google-auth reads it on a GCE VM: the SDK
-gets its bearer token from there, and every API call must carry that token.
+gets its bearer token from there, and every API call must carry that token. The billing
+API's ``GET /v1/services/6F81-5844-456A/skus`` answers as cloudbilling.googleapis.com does
+(SKU documents, ``nextPageToken`` pages, errors as ``{"error": {"code", "message",
+"status"}}``), with a realistic few of Compute Engine's SKUs (``SKUS``): the on-demand
+ones of e2, t2a and g2 in us-central1, and decoys a price reader must not take (spot,
+commitments, custom, sole-tenant, other regions, other resources).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -23,6 +31,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -41,7 +50,11 @@ MACHINE_TYPES = {
     "n2-standard-2": (2, 8192),
     "n2-standard-4": (4, 16384),
     "g2-standard-4": (4, 16384),
+    "t2a-standard-2": (2, 8192),
 }
+# machine type -> its accelerators (type, count); and the Arm ones (the rest are X86_64)
+ACCELERATORS = {"g2-standard-4": [("nvidia-l4", 1)]}
+ARM64 = {"t2a-standard-2"}
 # (project, image) -> (family, minimum disk GiB)
 IMAGES = {
     (PROJECT, "prefect-vm-runner-20240601"): ("prefect-vm-runner", 10),
@@ -52,6 +65,56 @@ CAPACITY_MESSAGE = (
     "The zone 'projects/{project}/zones/{zone}' does not have enough resources available "
     "to fulfill the request.  Try a different zone, or try again later."
 )
+
+# Compute Engine's service in the Cloud Billing Catalog, and its SKUs here: (description,
+# serviceRegions, USD per usage unit, usageUnit, usageType). Descriptions and shapes as the
+# API lists them (hail-is/hail's and opencost's readers of it); us-central1 is "Iowa" for
+# the newer families, inside "Americas" for e2.
+BILLING_SERVICE = "6F81-5844-456A"
+_AMERICAS = ["us-central1", "us-east1", "us-west1"]
+SKUS: list[tuple[str, list[str], float, str, str]] = [
+    ("E2 Instance Core running in Americas", _AMERICAS, 0.021811, "h", "OnDemand"),
+    ("E2 Instance Ram running in Americas", _AMERICAS, 0.002923, "GiBy.h", "OnDemand"),
+    ("T2A Arm Instance Core running in Iowa", ["us-central1"], 0.02888, "h", "OnDemand"),
+    ("T2A Arm Instance Ram running in Iowa", ["us-central1"], 0.00231, "GiBy.h", "OnDemand"),
+    ("G2 Instance Core running in Iowa", ["us-central1"], 0.024988, "h", "OnDemand"),
+    ("G2 Instance Ram running in Iowa", ["us-central1"], 0.002927, "GiBy.h", "OnDemand"),
+    ("Nvidia L4 GPU running in Iowa", ["us-central1"], 0.560279, "h", "OnDemand"),
+    # Decoys: the same words at other prices, for spot, commitments, custom and
+    # sole-tenant machines, other regions; n2 has no on-demand price in us-central1 here.
+    ("Spot Preemptible E2 Instance Core running in Americas", _AMERICAS, 0.006543, "h",
+     "Preemptible"),
+    ("Spot Preemptible E2 Instance Ram running in Americas", _AMERICAS, 0.000877, "GiBy.h",
+     "Preemptible"),
+    ("Commitment v1: E2 Cpu in Americas for 1 Year", _AMERICAS, 0.013741, "h", "Commit1Yr"),
+    ("Commitment v1: E2 Ram in Americas for 1 Year", _AMERICAS, 0.001842, "GiBy.h",
+     "Commit1Yr"),
+    ("E2 Custom Instance Core running in Americas", _AMERICAS, 0.022904, "h", "OnDemand"),
+    ("E2 Instance Core running in Virginia", ["us-east4"], 0.024559, "h", "OnDemand"),
+    ("E2 Instance Ram running in Virginia", ["us-east4"], 0.003291, "GiBy.h", "OnDemand"),
+    ("Spot Preemptible T2A Arm Instance Core running in Iowa", ["us-central1"], 0.00866, "h",
+     "Preemptible"),
+    ("Spot Preemptible G2 Instance Core running in Iowa", ["us-central1"], 0.00999, "h",
+     "Preemptible"),
+    ("Nvidia L4 GPU attached to Spot Preemptible VMs running in Iowa", ["us-central1"],
+     0.2241, "h", "Preemptible"),
+    ("G2 Instance Ram running in Virginia", ["us-east4"], 0.003296, "GiBy.h", "OnDemand"),
+    ("N2 Custom Instance Core running in Americas", _AMERICAS, 0.033191, "h", "OnDemand"),
+    ("N2 Sole Tenancy Instance Core running in Americas", _AMERICAS, 0.034773, "h",
+     "OnDemand"),
+    ("Spot Preemptible N2 Instance Core running in Americas", _AMERICAS, 0.00765, "h",
+     "Preemptible"),
+    ("Commitment v1: N2 Cpu in Americas for 1 Year", _AMERICAS, 0.019915, "h", "Commit1Yr"),
+    ("N2 Instance Core running in Virginia", ["us-east4"], 0.035605, "h", "OnDemand"),
+    ("N2 Instance Ram running in Virginia", ["us-east4"], 0.004772, "GiBy.h", "OnDemand"),
+    ("Balanced PD Capacity in Iowa", ["us-central1"], 0.1, "GiBy.mo", "OnDemand"),
+]  # fmt: skip
+# usageUnit -> (usageUnitDescription, baseUnit, baseUnitDescription, baseUnitConversionFactor)
+_UNITS = {
+    "h": ("hour", "s", "second", 3600),
+    "GiBy.h": ("gibibyte hour", "By.s", "byte second", 3865470566400),
+    "GiBy.mo": ("gibibyte month", "By.s", "byte second", 2875910101401600),
+}
 
 _NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -93,6 +156,14 @@ class ApiError(Exception):
         }
 
 
+class BillingError(ApiError):
+    """Answered as the billing API's error document: a google.rpc status (``reason``
+    here: NOT_FOUND, INVALID_ARGUMENT...), no "errors" list."""
+
+    def document(self) -> dict[str, Any]:
+        return {"error": {"code": self.status, "message": self.message, "status": self.reason}}
+
+
 def _now() -> str:
     """GCE's timestamps: RFC 3339 with milliseconds and an offset."""
     moment = datetime.now(timezone.utc).astimezone()
@@ -110,6 +181,10 @@ class GceApi:
         self.project, self.zone, self.token = project, zone, token
         self.requests: list[tuple[str, str]] = []  # (method, path) of each API call
         self.page_size = 500
+        self.sku_page_size = 5  # the billing API's pages here (5000 at most on Google's)
+        self.revoked = False
+        self._skus = [_sku(*sku) for sku in SKUS]
+        self._sku_pages: dict[str, int] = {}  # nextPageToken -> where its page starts
         self._instances: dict[str, dict[str, Any]] = {}
         self._disks: dict[str, dict[str, Any]] = {}
         self._operations: dict[str, dict[str, Any]] = {}
@@ -140,6 +215,7 @@ class GceApi:
         other credentials."""
         return {
             "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE": f"{self.url}/compute/v1/",
+            "CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDBILLING": f"{self.url}/",
             "GCE_METADATA_HOST": self.host,
             "GCE_METADATA_IP": self.host,
             "GOOGLE_APPLICATION_CREDENTIALS": "",
@@ -158,6 +234,25 @@ class GceApi:
             raise ValueError(f"via is operation or http, not {via!r}")
         with self._lock:
             self._exhausted[(machine_type, provisioning_model)] = via
+
+    def add_sku(
+        self,
+        description: str,
+        regions: list[str],
+        usd: float,
+        unit: str,
+        usage_type: str = "OnDemand",
+    ) -> dict[str, Any]:
+        """Another SKU of Compute Engine, listed after the others."""
+        with self._lock:
+            self._skus.append(_sku(description, regions, usd, unit, usage_type))
+            return self._skus[-1]
+
+    def revoke_token(self) -> None:
+        """The APIs refuse the token the metadata server still hands out (its service
+        account disabled, say)."""
+        with self._lock:
+            self.revoked = True
 
     def power_off(self, name: str) -> None:
         """What the guest's poweroff does on GCE: the instance is TERMINATED (stopped),
@@ -547,16 +642,77 @@ class GceApi:
                 "was not found",
             )
         cpus, memory = MACHINE_TYPES[name]
-        return {
+        machine_type = {
             "kind": "compute#machineType",
             "id": str(abs(hash(name)) % 10**10),
             "name": name,
+            "description": f"{cpus} vCPUs, {memory / 1024:g} GB RAM",
             "guestCpus": cpus,
             "memoryMb": memory,
             "zone": self.zone,
             "isSharedCpu": False,
+            "architecture": "ARM64" if name in ARM64 else "X86_64",
             "selfLink": self._link(f"zones/{self.zone}/machineTypes/{name}"),
         }
+        if name in ACCELERATORS:  # GCE leaves the field out of the others
+            machine_type["accelerators"] = [
+                {"guestAcceleratorType": kind, "guestAcceleratorCount": count}
+                for kind, count in ACCELERATORS[name]
+            ]
+        return machine_type
+
+    def machine_types(self, query: Mapping[str, str]) -> dict[str, Any]:
+        items = [self.machine_type(name) for name in sorted(MACHINE_TYPES)]
+        return self._page(items, query, "machineTypeList", f"zones/{self.zone}/machineTypes")
+
+    def region(self, project: str, region: str) -> dict[str, Any]:
+        """The zone's region, whose only zone it is here."""
+        if project != self.project or region != self.zone.rsplit("-", 1)[0]:
+            raise ApiError(
+                404, "notFound", f"The resource 'projects/{project}/regions/{region}' was not found"
+            )
+        return {
+            "kind": "compute#region",
+            "id": str(abs(hash(region)) % 10**10),
+            "name": region,
+            "status": "UP",
+            "zones": [self._link(f"zones/{self.zone}")],
+            "selfLink": self._link(f"regions/{region}"),
+        }
+
+    def skus(self, service: str, query: Mapping[str, str]) -> dict[str, Any]:
+        """services.skus.list: a page of the service's SKUs, and the token of the next."""
+        if service != BILLING_SERVICE:
+            raise BillingError(404, "NOT_FOUND", f"Service services/{service} not found.")
+        if query.get("currencyCode", "USD") != "USD":  # Google converts; this one does not
+            raise BillingError(400, "INVALID_ARGUMENT", "Only USD is served by this stand-in.")
+        size = query.get("pageSize", "5000")
+        if not size.isdigit() or not 0 < int(size) <= 5000:
+            raise BillingError(400, "INVALID_ARGUMENT", f"Invalid page size: {size}")
+        token = query.get("pageToken", "")
+        if token and token not in self._sku_pages:
+            raise BillingError(400, "INVALID_ARGUMENT", "Invalid page token.")
+        start = self._sku_pages.get(token, 0)
+        end = start + min(int(size), self.sku_page_size)
+        page: dict[str, Any] = {"skus": self._skus[start:end]}
+        if end < len(self._skus):
+            page["nextPageToken"] = secrets.token_urlsafe(24)
+            self._sku_pages[page["nextPageToken"]] = end
+        return page  # the last without a token (proto3's JSON leaves an empty one out)
+
+    def _page(
+        self, items: list[dict[str, Any]], query: Mapping[str, str], kind: str, path: str
+    ) -> dict[str, Any]:
+        """One page of a compute list, as the instances' list pages."""
+        size = min(int(query.get("maxResults", self.page_size)), self.page_size)
+        start = int(query.get("pageToken", "0") or 0)
+        page = {"kind": f"compute#{kind}", "id": f"projects/{self.project}/{path}",
+                "selfLink": self._link(path)}  # fmt: skip
+        if items[start : start + size]:  # GCE leaves items out of an empty page
+            page["items"] = items[start : start + size]
+        if start + size < len(items):
+            page["nextPageToken"] = str(start + size)
+        return page
 
     def image(self, project: str, name: str, *, family: bool) -> dict[str, Any]:
         project, image, minimum = self._image(_image_path(project, name, family=family))
@@ -604,6 +760,50 @@ class GceApi:
             operation["endTime"] = _now()
         self._operations[name] = operation
         return operation
+
+
+def _sku(
+    description: str, regions: list[str], usd: float, unit: str, usage_type: str
+) -> dict[str, Any]:
+    """A SKU document of Compute Engine, as services.skus.list lists it."""
+    digest = hashlib.sha256(description.encode()).hexdigest()[:12].upper()
+    sku_id = f"{digest[:4]}-{digest[4:8]}-{digest[8:]}"
+    price = Decimal(str(usd))
+    unit_description, base_unit, base_description, factor = _UNITS[unit]
+    if "GPU" in description:
+        group = "GPU"
+    elif unit == "GiBy.mo":
+        group = "SSD"
+    else:
+        group = "RAM" if unit == "GiBy.h" else "CPU"
+    return {
+        "name": f"services/{BILLING_SERVICE}/skus/{sku_id}",
+        "skuId": sku_id,
+        "description": description,
+        "category": {
+            "serviceDisplayName": "Compute Engine",
+            "resourceFamily": "Storage" if group == "SSD" else "Compute",
+            "resourceGroup": group,
+            "usageType": usage_type,
+        },
+        "serviceRegions": list(regions),
+        "pricingInfo": [{
+            "summary": "",
+            "pricingExpression": {
+                "usageUnit": unit, "displayQuantity": 1,
+                "tieredRates": [{"startUsageAmount": 0, "unitPrice": {
+                    "currencyCode": "USD", "units": str(int(price)),
+                    "nanos": int((price - int(price)) * 10**9)}}],
+                "usageUnitDescription": unit_description, "baseUnit": base_unit,
+                "baseUnitDescription": base_description, "baseUnitConversionFactor": factor,
+            },
+            "currencyConversionRate": 1,
+            "effectiveTime": "2025-06-01T07:00:00.000Z",
+        }],
+        "serviceProviderName": "Google",
+        "geoTaxonomy": {"type": "MULTI_REGIONAL" if len(regions) > 1 else "REGIONAL",
+                        "regions": list(regions)},
+    }  # fmt: skip
 
 
 def _image_path(project: str, name: str, *, family: bool = False) -> str:
@@ -684,10 +884,17 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, set[str]]] = [
         ("GET", f"{_ZONE}/disks/(?P<name>[^/]+)", "disk", set()),
         ("DELETE", f"{_ZONE}/disks/(?P<name>[^/]+)", "delete_disk", {"requestId"}),
         ("GET", f"{_ZONE}/machineTypes/(?P<name>[^/]+)", "machine_type", set()),
+        ("GET", f"{_ZONE}/machineTypes", "machine_types",
+         {"maxResults", "pageToken", "returnPartialSuccess"}),
+        ("GET", r"/projects/(?P<project>[^/]+)/regions/(?P<region>[^/]+)", "region", set()),
         ("GET", r"/projects/(?P<project>[^/]+)/global/images/family/(?P<name>[^/]+)",
          "image_family", set()),
         ("GET", r"/projects/(?P<project>[^/]+)/global/images/(?P<name>[^/]+)", "image", set()),
     ]
+] + [
+    # Cloud Billing's, at the root of its own host
+    ("GET", re.compile(r"/v1/services/(?P<service>[^/]+)/skus"), "skus",
+     {"pageSize", "pageToken", "currencyCode", "startTime", "endTime"}),
 ]  # fmt: skip
 
 
@@ -697,6 +904,8 @@ def _route(method: str, path: str) -> tuple[str, re.Match[str], set[str]]:
         match = pattern.fullmatch(path)
         if route_method == method and match:
             return route, match, allowed
+    if path.startswith("/v1/"):
+        raise BillingError(404, "NOT_FOUND", f"No such method: {method} {path}")
     raise ApiError(404, "notFound", f"No such method: {method} {path}")
 
 
@@ -707,6 +916,10 @@ def _call(api: GceApi, route: str, match: re.Match[str], query: dict[str, str], 
         return api.image(groups["project"], groups["name"], family=True)
     if route == "image":
         return api.image(groups["project"], groups["name"], family=False)
+    if route == "region":
+        return api.region(groups["project"], groups["region"])
+    if route == "skus":
+        return api.skus(groups["service"], query)
     api._zone_path(groups["project"], groups["zone"])
     name = groups.get("name", "")
     calls: dict[str, Callable[[], Any]] = {
@@ -719,6 +932,7 @@ def _call(api: GceApi, route: str, match: re.Match[str], query: dict[str, str], 
         "disk": lambda: api.disk(name),
         "delete_disk": lambda: api.delete_disk(name),
         "machine_type": lambda: api.machine_type(name),
+        "machine_types": lambda: api.machine_types(query),
     }
     return calls[route]()
 
@@ -750,7 +964,14 @@ def _handler(api: GceApi) -> type[BaseHTTPRequestHandler]:
                 self._json(exc.status, exc.document())
 
         def _api(self, path: str, raw_query: str, raw: bytes) -> Any:
-            if self.headers.get("Authorization") != f"Bearer {api.token}":
+            if self.headers.get("Authorization") != f"Bearer {api.token}" or api.revoked:
+                if path.startswith("/v1/"):  # the billing API's words
+                    raise BillingError(
+                        401,
+                        "UNAUTHENTICATED",
+                        "Request had invalid authentication credentials. Expected OAuth 2 "
+                        "access token, login cookie or other valid authentication credential.",
+                    )
                 raise ApiError(
                     401,
                     "required" if not self.headers.get("Authorization") else "authError",
@@ -761,9 +982,10 @@ def _handler(api: GceApi) -> type[BaseHTTPRequestHandler]:
             pairs = parse_qs(raw_query, keep_blank_values=True)
             unknown = sorted(set(pairs) - allowed)
             if unknown or any(len(values) > 1 for values in pairs.values()):
-                raise ApiError(
-                    400, "invalidParameter", f"Invalid query parameter: {(unknown or pairs)}"
-                )
+                said = f"Invalid query parameter: {(unknown or pairs)}"
+                if route == "skus":
+                    raise BillingError(400, "INVALID_ARGUMENT", said)
+                raise ApiError(400, "invalidParameter", said)
             query = {key: values[0] for key, values in pairs.items()}
             body = None
             if route == "insert":
@@ -786,7 +1008,12 @@ def _handler(api: GceApi) -> type[BaseHTTPRequestHandler]:
             if self.command != "GET" or self.headers.get("Metadata-Flavor") != "Google":
                 return self._text(403, "Missing Metadata-Flavor:Google header.")
             root = "/computeMetadata/v1/"
-            account = f"{root}instance/service-accounts/default/"
+            accounts = f"{root}instance/service-accounts/"
+            # The account by its email as by its alias: google-auth asks by the email once
+            # it knows it (when it refreshes a token again).
+            if path.startswith(f"{accounts}{SERVICE_ACCOUNT}/"):
+                path = f"{accounts}default/{path.removeprefix(f'{accounts}{SERVICE_ACCOUNT}/')}"
+            account = f"{accounts}default/"
             if path == "/":
                 return self._text(200, "computeMetadata/\n")
             if path == f"{root}project/project-id":

@@ -240,7 +240,10 @@ def _add_launch_command(commands: argparse._SubParsersAction) -> None:
         "--drop", action="append", default=[], metavar="TYPE", help="drop this type (repeatable)"
     )
     catalog.add_argument(
-        "--out", type=Path, help="the catalog file to refresh [default: the packaged one]"
+        "--out",
+        type=Path,
+        help="the catalog file to refresh; a new one starts from the packaged types "
+        "[default: the packaged one]",
     )
     catalog.set_defaults(handler=_launch_catalog)
 

@@ -33,6 +33,15 @@ def run_cli(
     return done
 
 
+def assert_one_error_line(done: subprocess.CompletedProcess[str], code: int, says: str) -> str:
+    """A command (not a run: no teardown) ended with ``code``, and its stderr is one error
+    line, no traceback or SDK chatter, that says ``says``; returns the line."""
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and " ERROR " in lines[0] and says in lines[0], done.stderr
+    return lines[0]
+
+
 def require_containers(*tools: str) -> None:
     """Skip the test, with one line saying why, unless podman (and ``tools``) are installed
     and podman can really start a container here; in CI (``CI=true``) fail instead, so

@@ -299,6 +299,6 @@ def test_no_credentials_crashes_the_run_with_one_line(
     assert ended.state.is_crashed()
     assert ended.state.message == (
         "could not start a VM: reading the machine image: no AWS credentials (an instance "
-        "role, AWS_ACCESS_KEY_ID, a profile)"
+        "role, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile)"
     )
     assert pool.instances() == []

@@ -109,7 +109,10 @@ def test_a_run_gets_a_spot_vm_with_its_custom_data_and_tags_and_nothing_is_left(
 ):
     with SimulatedVms(api, moto, azure_pool.name, tmp_path / "vms") as vms:
         azure_pool.start_worker()
-        run = azure_pool.run("hello", n=3, job_variables={"spot_policy": "spot"})
+        run = azure_pool.run(
+            "hello", n=3,
+            job_variables={"spot_policy": "spot", "vm_types": None, "cpu": 4, "memory": 16},
+        )  # fmt: skip
         ended = azure_pool.wait_final(run.id)
         assert azure_pool.wait_no_vms() == []  # stopped by its poweroff, deleted by the worker
 
@@ -119,7 +122,8 @@ def test_a_run_gets_a_spot_vm_with_its_custom_data_and_tags_and_nothing_is_left(
     assert _nothing_left(api) == {}  # its NIC and OS disk went with it
     body = api.vm_requests[name.lower()]
     properties = body["properties"]
-    assert properties["hardwareProfile"]["vmSize"] == TYPES[0]
+    cheapest = "Standard_D4as_v5"  # the catalog's cheapest with 4 vCPUs and 16 GiB
+    assert properties["hardwareProfile"]["vmSize"] == cheapest
     assert properties["priority"] == "Spot" and properties["evictionPolicy"] == "Delete"
     assert properties["billingProfile"] == {"maxPrice": -1}
     assert properties["storageProfile"]["imageReference"] == {"id": api.image_id}
@@ -128,7 +132,7 @@ def test_a_run_gets_a_spot_vm_with_its_custom_data_and_tags_and_nothing_is_left(
     assert nic["properties"]["deleteOption"] == "Delete"
     assert body["tags"][TAG_POOL] == azure_pool.name and body["tags"][TAG_FLOW_RUN] == str(run.id)
     assert f'RUNNER_FLOW_RUN_ID=\\"{run.id}\\"' in vms.custom_data[name]
-    assert f"VM {name} started ({TYPES[0]}, spot)" in azure_pool.worker_log()
+    assert f"VM {name} started ({cheapest}, spot)" in azure_pool.worker_log()
     assert _eventually(lambda: f"VM {name} deleted" in azure_pool.worker_log())
 
 

@@ -121,7 +121,8 @@ def test_a_run_gets_an_instance_with_its_metadata_labels_and_spot_scheduling(
         gcp_pool.start_worker()
         run = gcp_pool.run(
             "hello", n=3,
-            job_variables={"spot_policy": "spot", "disk_size": 20, "tags": {"Team": "Data Sci"}},
+            job_variables={"spot_policy": "spot", "disk_size": 20, "tags": {"Team": "Data Sci"},
+                           "vm_types": None, "cpu": 4, "memory": 16},
         )  # fmt: skip
         ended = gcp_pool.wait_final(run.id)
         assert gcp_pool.wait_no_vms() == []  # powered off, then deleted by the worker
@@ -129,7 +130,8 @@ def test_a_run_gets_an_instance_with_its_metadata_labels_and_spot_scheduling(
     assert ended.state.is_completed(), ended.state
     [(name, instance)] = vms.booted.items()
     assert name == ended.infrastructure_pid
-    assert instance["machineType"].endswith(f"/zones/{ZONE}/machineTypes/{TYPES[0]}")
+    # the catalog's cheapest with 4 vCPUs and 16 GiB
+    assert instance["machineType"].endswith(f"/zones/{ZONE}/machineTypes/e2-standard-4")
     assert instance["scheduling"]["provisioningModel"] == "SPOT"
     assert instance["scheduling"]["instanceTerminationAction"] == "DELETE"
     labels = instance["labels"]
@@ -139,6 +141,7 @@ def test_a_run_gets_an_instance_with_its_metadata_labels_and_spot_scheduling(
     assert disk["boot"] and disk["autoDelete"] and disk["diskSizeGb"] == "20"
     env_file = (tmp_path / "vms" / f"{name}.env").read_text()
     assert f'RUNNER_FLOW_RUN_ID="{run.id}"' in env_file.splitlines()
+    assert "RUNNER_HOURLY_COST" not in env_file  # a spot price is not known in advance
     # Gone, and its disk with it: nothing of the run's VM is left billing.
     assert gce.instance(name) is None and gce.disks() == []
     assert ("DELETE", f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances/{name}") in (

@@ -3,12 +3,14 @@ user-data it writes read back as the runner reads it."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from runner.errors import ConfigError
+from runner.launch import catalog
 from runner.launch.providers.base import TAG_CLAIM_TIMEOUT, TAG_FLOW_RUN, TAG_MAX_RUNTIME, Vm
 from runner.launch.sweep import why_due
 from runner.launch.user_data import as_env_file, render
@@ -45,6 +47,34 @@ def test_without_vm_types_the_cheapest_catalog_types_that_fit(needs, expected):
     candidates = _candidates(configuration)
     assert [t for t, _, _ in candidates] == expected
     assert all(price and price > 0 for _, _, price in candidates)  # the cost estimate
+
+
+@pytest.mark.parametrize(
+    ("cloud", "needs", "expected"),
+    [
+        ("gcp", {"cpu": 4, "memory": 16}, ["e2-standard-4", "e2-highmem-4", "n2-standard-4"]),
+        ("gcp", {"cpu": 4, "arm": True}, ["t2a-standard-4", "t2a-standard-8"]),
+        ("gcp", {"gpu": True}, ["g2-standard-4", "g2-standard-8", "a2-highgpu-1g"]),
+        ("azure", {"cpu": 4, "memory": 16}, ["Standard_D4as_v5", "Standard_D4s_v5",
+                                             "Standard_E4s_v5"]),
+        ("azure", {"cpu": 2, "arm": True}, ["Standard_D2ps_v5", "Standard_D4ps_v5",
+                                            "Standard_D8ps_v5"]),
+        ("azure", {"gpu": True, "memory": 50}, ["Standard_NC8as_T4_v3",
+                                                "Standard_NC24ads_A100_v4"]),
+    ],
+)  # fmt: skip
+def test_gcp_and_azure_have_catalogs_too(cloud, needs, expected):
+    configuration = VmJobConfiguration(provider=cloud, spot_policy="on-demand", **needs)
+    assert [t for t, _, _ in _candidates(configuration)] == expected
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_each_packaged_catalog_is_as_the_refresh_writes_it(cloud):
+    """So that a refresh's diff shows only what changed, and a hand edit keeps the shape."""
+    text = catalog.packaged(cloud).read_text()
+    types = catalog.load(cloud)
+    assert catalog.dump(types, about=json.loads(text)["about"]) == text
+    assert all(t.vcpus > 0 and t.memory_gib > 0 and t.on_demand > 0 for t in types.values())
 
 
 def test_no_catalog_type_fits_is_one_line():

@@ -27,9 +27,7 @@ class Source(Protocol):
     DEFAULT_REGION: str
     ABOUT: str  # what the prices are, for the file's "about"
 
-    def read(
-        self, names: Sequence[str], *, region: str, project: str | None
-    ) -> dict[str, VmType]:
+    def read(self, names: Sequence[str], *, region: str, project: str | None) -> dict[str, VmType]:
         """Each named type the cloud offers in ``region``; the ones it does not are left
         out. ConfigError for what the user must fix (credentials, region, project)."""
         ...
@@ -59,8 +57,8 @@ def refresh(
     fresh = source.read(names, region=region, project=project)
     if missing := [name for name in names if name not in fresh]:
         raise ConfigError(
-            f"{cloud} offers no {', '.join(missing)} in {region} (a typo? else --drop it); "
-            f"{path} is unchanged"
+            f"{cloud} offers no {', '.join(missing)} in {region}, or no on-demand price for "
+            f"it (a typo? else --drop it); {path} is unchanged"
         )
     for name in names:
         if (before := current.get(name)) != fresh[name]:
@@ -77,7 +75,8 @@ def refresh(
 
 
 def _change(before: VmType | None, after: VmType) -> str:
-    size = f"{after.vcpus} vCPUs, {after.memory_gib:g} GiB, {after.gpus} GPUs"
+    size = f"{after.vcpus} vCPUs, {after.memory_gib:g} GiB, {after.gpus} GPU"
+    size += "" if after.gpus == 1 else "s"
     size += ", arm" if after.arm else ""
     if before is None:
         return f"added ({size}, ${after.on_demand:g}/h)"

@@ -28,9 +28,25 @@ _BAD_INPUT = {
     "InvalidInstanceType": "there is no instance type {vm_type} in {region}",
     "InvalidSubnetID.NotFound": "the subnet does not exist",
     "InvalidGroup.NotFound": "a security group does not exist",
-    "AuthFailure": "AWS refused the credentials",
-    "UnauthorizedOperation": "the credentials may not do this",
 }
+_CREDENTIALS = "an instance role, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile"
+# AWS's answers that mean the credentials themselves were refused (EC2 says AuthFailure,
+# the JSON APIs such as the price list's UnrecognizedClientException, a wrong secret key
+# SignatureDoesNotMatch, an old session token ExpiredToken) ...
+_REFUSED = {
+    "AuthFailure",
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "SignatureDoesNotMatch",
+    "InvalidSignatureException",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "RequestExpired",
+}
+# ... and those that mean they may not make this call.
+_DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"}
 # Where api_key_in_ssm keeps each VM's API key: SSM_PREFIX/<VM name>, deleted with the VM.
 SSM_PREFIX = "/prefect-vm-runner"
 _STATES = {
@@ -225,28 +241,80 @@ class AwsProvider:
 
     @contextmanager
     def _errors(self, doing: str, *, image: str = "", vm_type: str = "") -> Iterator[None]:
-        """botocore's errors as the runner's: capacity, bad input, or a failure."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        """botocore's errors as the runner's: capacity, bad input, or aws_errors' rest."""
+        from botocore.exceptions import ClientError
 
-        try:
-            yield
-        except NoCredentialsError:
+        with aws_errors(doing):
+            try:
+                yield
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                code, message = error.get("Code", ""), error.get("Message", "")
+                if code in CAPACITY_ERRORS:
+                    raise CapacityError(f"{code}: {message}") from None
+                if code in _BAD_INPUT or code.startswith("InvalidInstanceID"):
+                    why = _BAD_INPUT.get(code, "no such instance").format(
+                        image=image, vm_type=vm_type, region=self._region
+                    )
+                    raise ConfigError(f"{doing}: {why} ({code}: {message})") from None
+                raise
+
+
+@contextmanager
+def aws_errors(call: str, region: str | None = None) -> Iterator[None]:
+    """botocore's errors as the runner's, one line each, never the secret: what the user
+    must fix is a ConfigError, AWS failing or not answering is a BootstrapError.
+    ``region``: the one the call goes to, where the user chose it."""
+    where = f" in {region}" if region else ""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        CredentialRetrievalError,
+        InvalidRegionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+    from botocore.parsers import ResponseParserError
+
+    try:
+        yield
+    except NoCredentialsError:
+        raise ConfigError(f"{call}: no AWS credentials ({_CREDENTIALS})") from None
+    except (PartialCredentialsError, CredentialRetrievalError) as exc:
+        raise ConfigError(f"{call}: {exc} ({_CREDENTIALS})") from None
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        # the first line only: a signature mismatch goes on with the canonical request
+        message = (error.get("Message") or "").splitlines()
+        said = f"{code}: {message[0] if message else ''}"
+        if code in _REFUSED:
             raise ConfigError(
-                f"{doing}: no AWS credentials (an instance role, AWS_ACCESS_KEY_ID, a profile)"
+                f"{call}: AWS refused the credentials ({said}); check them ({_CREDENTIALS})"
             ) from None
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code, message = error.get("Code", ""), error.get("Message", "")
-            if code in CAPACITY_ERRORS:
-                raise CapacityError(f"{code}: {message}") from None
-            if code in _BAD_INPUT or code.startswith("InvalidInstanceID"):
-                why = _BAD_INPUT.get(code, "no such instance").format(
-                    image=image, vm_type=vm_type, region=self._region
-                )
-                raise ConfigError(f"{doing}: {why} ({code}: {message})") from None
-            raise BootstrapError(f"{doing}: EC2 failed: {code}: {message}") from None
-        except BotoCoreError as exc:
-            raise BootstrapError(f"{doing}: {exc}") from None
+        if code in _DENIED:
+            raise ConfigError(
+                f"{call}: the credentials may not call it; allow {call} in their IAM policy "
+                f"({said})"
+            ) from None
+        if code == "OptInRequired" and region:
+            raise ConfigError(f"{call}: the account has not enabled {region} ({said})") from None
+        raise BootstrapError(f"{call}{where}: AWS failed: {said}") from None
+    except ConnectionError as exc:  # unreachable, refused, timed out
+        also = f", and that {region} is an AWS region" if region else ""
+        raise BootstrapError(
+            f"{call}: {exc}; check the network, any proxy or AWS_ENDPOINT_URL* setting{also}"
+        ) from None
+    except ResponseParserError as exc:  # no BotoCoreError: an answer that is not AWS's
+        raise ConfigError(
+            f"{call}: an answer that is not AWS's ({str(exc).splitlines()[0]}); check any "
+            "proxy or AWS_ENDPOINT_URL* setting"
+        ) from None
+    except InvalidRegionError as exc:
+        raise ConfigError(f"{exc.kwargs['region_name']!r} is not an AWS region name") from None
+    except BotoCoreError as exc:
+        raise BootstrapError(f"{call}{where}: {exc}") from None
 
 
 def _vm(instance: dict[str, Any]) -> Vm:

@@ -105,6 +105,7 @@ class AzureProvider:
         self._compute = ComputeManagementClient(credential, project, **options)
         self._network = NetworkManagementClient(credential, project, **options)
         self._subscription = str(project)
+        self._endpoint = endpoint
         self._group = str(resource_group)
         self._location = str(region).replace(" ", "").lower()
         self._zone = zone
@@ -332,31 +333,20 @@ class AzureProvider:
 
     @contextmanager
     def _errors(self, doing: str, *, image: str = "", vm_type: str = "") -> Iterator[None]:
-        """The Azure SDK's errors as the runner's: capacity, bad input, or a failure."""
-        from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+        """The Azure SDK's errors as the runner's: capacity, bad input, or arm_errors' rest."""
+        from azure.core.exceptions import HttpResponseError
 
-        try:
-            yield
-        except ClientAuthenticationError as exc:
-            if exc.response is None:  # no token: the credential chain found nothing usable
-                raise ConfigError(
-                    f"{doing}: no usable Azure credentials (a managed identity, "
-                    "AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET, az login): "
-                    f"{_first_line(exc.message)}"
-                ) from None
-            raise ConfigError(
-                f"{doing}: Azure refused the credentials ({_code(exc)}: {_message(exc)})"
-            ) from None
-        except HttpResponseError as exc:
-            code, message = _code(exc), _message(exc)
-            if code in CAPACITY_ERRORS:
-                raise CapacityError(f"{code}: {message}") from None
-            why = self._bad_input(exc, image=image, vm_type=vm_type)
-            if why:
-                raise ConfigError(f"{doing}: {why} ({code}: {message})") from None
-            raise BootstrapError(f"{doing}: Azure failed: {code}: {message}") from None
-        except AzureError as exc:
-            raise BootstrapError(f"{doing}: {_first_line(str(exc))}") from None
+        with arm_errors(doing, subscription=self._subscription, endpoint=self._endpoint):
+            try:
+                yield
+            except HttpResponseError as exc:
+                code, message = _code(exc), _message(exc)
+                if code in CAPACITY_ERRORS:
+                    raise CapacityError(f"{code}: {message}") from None
+                why = self._bad_input(exc, image=image, vm_type=vm_type)
+                if why:
+                    raise ConfigError(f"{doing}: {why} ({code}: {message})") from None
+                raise
 
     def _bad_input(self, exc: Any, *, image: str, vm_type: str) -> str | None:
         """What was wrong with the request, when it was the request (None otherwise)."""
@@ -371,10 +361,6 @@ class AzureProvider:
             return f"the subnet {self._subnet} does not exist"
         if code == "ResourceGroupNotFound":
             return f"the resource group {self._group} does not exist"
-        if code in ("SubscriptionNotFound", "InvalidSubscriptionId"):
-            return f"the subscription {self._subscription} does not exist"
-        if code in ("AuthorizationFailed", "LinkedAuthorizationFailed"):
-            return "the credentials may not do this"
         if exc.status_code == 400:
             return "Azure refused the request"
         return None
@@ -436,6 +422,50 @@ def _blob_text(uri: str) -> str:
         response = client.send_request(HttpRequest("GET", uri))
         response.raise_for_status()
         return response.text()
+
+
+@contextmanager
+def arm_errors(doing: str, *, subscription: str, endpoint: str) -> Iterator[None]:
+    """The Azure SDK's errors as one line each, never a token: what the user must fix is a
+    ConfigError, ARM failing or not answering is a BootstrapError."""
+    from azure.core.exceptions import (
+        AzureError,
+        ClientAuthenticationError,
+        HttpResponseError,
+        ServiceRequestError,
+    )
+
+    try:
+        yield
+    except ClientAuthenticationError as exc:
+        if exc.response is None:  # no token: the credential chain found nothing usable
+            raise ConfigError(
+                f"{doing}: no usable Azure credentials (a managed identity, "
+                "AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET, az login): "
+                f"{_first_line(exc.message)}"
+            ) from None
+        raise ConfigError(
+            f"{doing}: Azure refused the credentials ({_code(exc)}: {_message(exc)})"
+        ) from None
+    except HttpResponseError as exc:
+        code, message = _code(exc), _message(exc)
+        if code in ("SubscriptionNotFound", "InvalidSubscriptionId"):
+            raise ConfigError(
+                f"{doing}: there is no subscription {subscription} (or the credentials cannot "
+                f"see it) ({code})"
+            ) from None
+        if code in ("AuthorizationFailed", "LinkedAuthorizationFailed"):
+            raise ConfigError(
+                f"{doing}: the credentials may not do this ({code}: {message})"
+            ) from None
+        raise BootstrapError(f"{doing}: Azure failed: {code}: {message}") from None
+    except ServiceRequestError as exc:  # unreachable, refused, the certificate refused
+        raise BootstrapError(
+            f"{doing}: cannot reach ARM at {endpoint} (is {ARM_ENDPOINT_ENV} right?): "
+            f"{_first_line(str(exc))}"
+        ) from None
+    except AzureError as exc:
+        raise BootstrapError(f"{doing}: {_first_line(str(exc))}") from None
 
 
 def _code(exc: Any) -> str:

@@ -25,6 +25,10 @@ USER_DATA_KEY = "prefect-vm-runner-env"
 # a stand-in in tests. Its value ends in /compute/v1/, which the SDK adds itself.
 ENDPOINT_VARIABLE = "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE"
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+CREDENTIALS = (
+    "set GOOGLE_APPLICATION_CREDENTIALS, run `gcloud auth application-default login`, or "
+    "run on GCE with a service account"
+)
 # What the default service account gets when no identity is set: enough to read the
 # flow's code and environment from a bucket, as gcloud's default scopes allow.
 STORAGE_READ = "https://www.googleapis.com/auth/devstorage.read_only"
@@ -311,31 +315,64 @@ class GcpProvider:
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         """google-api-core's and google-auth's errors as the runner's: capacity, bad
-        input, or a failure."""
-        import requests
+        input, or google_errors' rest."""
         from google.api_core.exceptions import GoogleAPICallError
-        from google.auth.exceptions import GoogleAuthError, TransportError
 
-        try:
-            yield
-        except TransportError as exc:
-            raise BootstrapError(f"{doing}: could not reach Google's auth service: {exc}") from None
-        except GoogleAuthError as exc:  # refreshing failed: the credentials are no good
-            raise ConfigError(f"{doing}: GCP credentials refused: {_one_line(str(exc))}") from None
-        except GoogleAPICallError as exc:
-            code, message = exc.code, _message(exc)
-            capacity = CAPACITY_ERRORS & _reasons(exc)
-            if capacity:
-                raise CapacityError(f"{sorted(capacity)[0]}: {message}") from None
-            if code == 401:
-                raise ConfigError(f"{doing}: GCE refused the credentials: {message}") from None
-            if code == 403:
-                raise ConfigError(f"{doing}: the credentials may not do this: {message}") from None
-            if code in (400, 404, 409):
-                raise ConfigError(f"{doing}: GCE refused the request: {message}") from None
-            raise BootstrapError(f"{doing}: GCE failed: {code} {message}") from None
-        except requests.RequestException as exc:
-            raise BootstrapError(f"{doing}: could not reach GCE: {exc}") from None
+        with google_errors(doing, "GCE", ENDPOINT_VARIABLE):
+            try:
+                yield
+            except GoogleAPICallError as exc:
+                capacity = CAPACITY_ERRORS & _reasons(exc)
+                if capacity:
+                    raise CapacityError(f"{sorted(capacity)[0]}: {_message(exc)}") from None
+                raise
+
+
+@contextmanager
+def google_errors(doing: str, endpoint: str, variable: str | None) -> Iterator[None]:
+    """google-auth's, google-api-core's and requests' errors as the runner's, one line
+    each, never a token: what the user must fix is a ConfigError, Google failing or not
+    answering is a BootstrapError. ``variable``: the setting that points at ``endpoint``."""
+    import requests
+    from google.api_core.exceptions import GoogleAPICallError
+    from google.auth.exceptions import DefaultCredentialsError, GoogleAuthError, TransportError
+
+    try:
+        yield
+    except DefaultCredentialsError as exc:
+        raise ConfigError(
+            f"{doing}: found no usable GCP credentials ({_auth_message(exc)}); {CREDENTIALS}"
+        ) from None
+    except TransportError as exc:  # the metadata server or token endpoint did not answer
+        raise BootstrapError(
+            f"{doing}: could not reach Google's auth service: {_auth_message(exc)}"
+        ) from None
+    except GoogleAuthError as exc:  # refreshing the token failed: the credentials are no good
+        raise ConfigError(
+            f"{doing}: GCP credentials refused: {_auth_message(exc)}; {CREDENTIALS}"
+        ) from None
+    except GoogleAPICallError as exc:
+        code, message = exc.code, _message(exc)
+        if code == 401:
+            raise ConfigError(
+                f"{doing}: Google refused the credentials: {message}; {CREDENTIALS}"
+            ) from None
+        if code == 403:
+            raise ConfigError(f"{doing}: the credentials may not do this: {message}") from None
+        if code in (400, 404, 409):
+            raise ConfigError(f"{doing}: Google refused the request: {message}") from None
+        raise BootstrapError(f"{doing}: Google failed: {code} {message}") from None
+    except requests.RequestException as exc:
+        where = f"; check the network or {variable}" if variable else "; check the network"
+        raise BootstrapError(
+            f"{doing}: could not reach {endpoint} ({type(exc).__name__}){where}"
+        ) from None
+
+
+def _auth_message(exc: Exception) -> str:
+    """google-auth's message: its first argument (the others are response objects)."""
+    first = exc.args[0] if exc.args else ""
+    return _one_line(first if isinstance(first, str) else str(exc))
 
 
 def gce_labels(tags: Mapping[str, str]) -> dict[str, str]:
