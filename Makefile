@@ -13,7 +13,7 @@ ifneq ($(wildcard /etc/ssl/certs/ca-certificates.crt),)
 export NODE_EXTRA_CA_CERTS ?= /etc/ssl/certs/ca-certificates.crt
 endif
 
-.PHONY: install demo demo-vm test bench lint clean
+.PHONY: install demo demo-vm test test-compat bench lint clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,23 @@ system-deps:
 
 test: system-deps images-check install node_modules/.installed
 	$(PY) -m pytest
+
+# The integration core (runs, lifecycle, telemetry, bundles) with the runner on the oldest
+# Prefect it supports, against a server of the newest: its own venv, .venv-compat.
+COMPAT_PREFECT ?= 3.6.0
+COMPAT_VENV    := .venv-compat
+COMPAT_TESTS   := tests/unit/test_prefect_compat.py tests/integration/test_run.py \
+	tests/integration/test_lifecycle.py tests/integration/test_telemetry.py \
+	tests/integration/test_bundles.py
+
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile
+	$(UV) venv --quiet --allow-existing --python python3 $(COMPAT_VENV)
+	$(UV) pip install --quiet --compile-bytecode --python $(COMPAT_VENV)/bin/python \
+		-e '.[dev]' 'prefect==$(COMPAT_PREFECT)'
+	@touch $@
+
+test-compat: system-deps install node_modules/.installed $(COMPAT_VENV)/.installed
+	RUNNER_TEST_SERVER_PYTHON=$(CURDIR)/$(PY) $(COMPAT_VENV)/bin/python -m pytest $(COMPAT_TESTS)
 
 # VM images (images/README.md). images-check needs no cloud: Debian's packer 1.6.6,
 # shellcheck and systemd-analyze (system-deps); `make test` runs it first.
@@ -100,4 +117,4 @@ lint: install
 	$(VENV)/bin/ruff format --check runner tests bench devtools examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache node_modules
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache node_modules

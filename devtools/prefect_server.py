@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,10 @@ class PrefectServer(ServerProcess):
         self.api_url = f"{self.url}/api"
 
     def command(self) -> list[str]:
+        # The server's own Prefect may be another than its clients': `make test-compat`
+        # runs the runner on the oldest supported Prefect against the newest server.
         return [
-            sys.executable,
+            os.environ.get("RUNNER_TEST_SERVER_PYTHON") or sys.executable,
             "-m",
             "prefect",
             "server",

@@ -13,13 +13,11 @@ from typing import Any
 
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
-from prefect.deployments.steps.core import run_steps
-from prefect.flow_engine import load_flow, run_flow
+from prefect.flow_engine import load_flow
 from prefect.flows import Flow, load_flow_from_entrypoint
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import State
-from prefect.utilities.asyncutils import run_coro_as_sync
 
+from runner import prefect_compat
 from runner.errors import CodeLoadError, RunnerError
 
 
@@ -42,16 +40,14 @@ def load_flow_code(
             return load_flow(flow_run)
         os.chdir(code_dir)
         if pull_steps:
-            output = run_coro_as_sync(
-                run_steps(
-                    pull_steps,
-                    print_function=run_logger.info,
-                    deployment=deployment,
-                    flow_run=flow_run,
-                    logger=run_logger,
-                )
+            output = prefect_compat.run_steps(
+                pull_steps,
+                print_function=run_logger.info,
+                deployment=deployment,
+                flow_run=flow_run,
+                logger=run_logger,
             )
-            if output and output.get("directory"):
+            if output.get("directory"):
                 os.chdir(output["directory"])
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
@@ -73,10 +69,8 @@ def run_in_process(flow: Flow, flow_run: FlowRun) -> State:
     # double them, and the engine waits up to a second for it to stop at the end.
     from prefect.logging.loggers import flow_run_logger
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        state = run_flow(
-            flow, flow_run=flow_run, return_type="state", error_logger=flow_run_logger(flow_run)
-        )
+    with prefect_compat.engine_heartbeats_off():
+        state = prefect_compat.run_flow(flow, flow_run, error_logger=flow_run_logger(flow_run))
         if inspect.isawaitable(state):  # async flows hand back a coroutine
             state = asyncio.run(state)
     return state

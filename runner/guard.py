@@ -370,6 +370,6 @@ def _write_summary(
 
 def _flush_prefect() -> None:
     if "prefect" in sys.modules:  # nothing can be queued before Prefect is imported
-        from runner.prefect_api import flush_prefect
+        from runner.prefect_compat import flush
 
-        flush_prefect()
+        flush()

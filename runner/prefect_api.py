@@ -31,6 +31,7 @@ from runner.errors import (
     ConfigError,
     FlowRunNotFound,
 )
+from runner.prefect_compat import OBSERVER_LOGGERS
 from runner.redaction import mask
 from runner.storage import redact
 
@@ -143,15 +144,11 @@ def emit(**event: Any) -> None:
     emit_event(**event)
 
 
-# Prefect's observers that follow a run over its events websocket, and reconnect by themselves.
-_OBSERVERS = ("prefect.FlowRunSuspendingObserver", "prefect.FlowRunCancellingObserver")
-
-
 def quiet_reconnects() -> None:
     """Keep the one line, not the traceback, that Prefect logs when the API drops its
     events websocket (a restart, a network blip): the observer falls back to polling and
     reconnects by itself, and a journal full of tracebacks hides the errors that matter."""
-    for name in _OBSERVERS:
+    for name in OBSERVER_LOGGERS:
         logger = logging.getLogger(name)
         if _dropped_socket_line not in logger.filters:
             logger.addFilter(_dropped_socket_line)
@@ -170,15 +167,3 @@ def _ws_closed() -> type[Exception]:
     from websockets.exceptions import ConnectionClosed
 
     return ConnectionClosed
-
-
-def flush_prefect(timeout: float = 30.0) -> None:
-    """Send the logs and events still queued in this process, before it exits or tears down."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (APILogWorker, EventsWorker):
-        try:
-            service.drain_all(timeout=timeout)
-        except Exception:  # flushing is best effort; never mask the run's outcome
-            log.debug("flush of %s failed", service.__name__, exc_info=True)

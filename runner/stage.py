@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -86,9 +87,16 @@ def reporting(channel: Sender, body: Callable[[], int]) -> int:
         return int(ExitCode.CRASHED)
     finally:
         if "prefect" in sys.modules:  # logs and events queued by the flow stage
-            from runner.prefect_api import flush_prefect
+            from runner.prefect_compat import flush
 
-            flush_prefect()
+            flush()
+
+
+# The flow and its run once loaded: what a cancel needs on a Prefect whose engine cannot
+# be told that a SIGTERM is a cancel.
+_running: tuple[Any, Any] | None = None
+# How long a stop without the engine waits for the flow's queued logs to reach the API.
+_FLUSH_SECONDS = 10.0
 
 
 def _stop_with_intent(signum: int, _frame: object) -> None:
@@ -96,19 +104,30 @@ def _stop_with_intent(signum: int, _frame: object) -> None:
     the guard: stop the flow as Prefect's own supervisor does. The engine is told what the
     SIGTERM that follows means: for a cancel it runs the flow's on_cancellation hooks and
     ends the run Cancelled; for "relinquish" it stops without proposing a state, because
-    the guard proposes the next one (AwaitingRetry, or Crashed with the reason)."""
+    the guard proposes the next one (AwaitingRetry, or Crashed with the reason).
+
+    An engine that cannot be told (an older Prefect: runner/prefect_compat.py) would take
+    the SIGTERM for a crash and force Crashed over the guard's state. This process then
+    leaves without it: the cancel's hooks run here first, the queued logs are sent, and
+    the guard proposes the state (Cancelled, AwaitingRetry or Crashed) as it does for a
+    worker that died."""
+    from runner import prefect_compat
+
     intent = "cancel" if signum == signal.SIGUSR1 else "relinquish"
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    try:
-        # What Prefect's supervisor delivers over its control channel before its SIGTERM
-        # (prefect.runner._control_channel); private, hence the pin on prefect<3.10.
-        from prefect._internal import control_listener
-
-        control_listener._set_intent(intent)
-    except (ImportError, AttributeError):  # the guard still ends the run as it should
-        log.warning("this Prefect cannot be told why it is stopped: hooks may not run")
-    signal.raise_signal(signal.SIGTERM)
+    if prefect_compat.tell_engine(intent):
+        signal.raise_signal(signal.SIGTERM)
+        return
+    log.info("this Prefect's engine cannot be told why it is stopped: the runner stops it")
+    if intent == "cancel" and _running is not None:
+        prefect_compat.run_cancellation_hooks(*_running)
+    # In a thread, bounded: this handler may have interrupted a logging call that holds
+    # a lock the flush needs.
+    flushing = threading.Thread(target=prefect_compat.flush, args=(_FLUSH_SECONDS,), daemon=True)
+    flushing.start()
+    flushing.join(_FLUSH_SECONDS)
+    os._exit(128 + signal.SIGTERM)  # as a SIGTERM would end it, and nothing runs after
 
 
 def run(stage: Stage, channel: Sender) -> int:
@@ -142,6 +161,8 @@ def run(stage: Stage, channel: Sender) -> int:
         pull_steps=stage.pull_steps,
         run_logger=run_logger,
     )
+    global _running
+    _running = (flow, flow_run)
     seconds = time.monotonic() - started
     run_logger.info("flow code loaded into %s in %.2fs", Path.cwd(), seconds)
     if stage.code_dir is None:  # Prefect's own loader placed the code just now
