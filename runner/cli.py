@@ -1,7 +1,7 @@
-"""Command-line interface: parse flags into Settings, dispatch, and turn errors into exit codes.
-
-This is the only module that maps a RunnerError to a process exit code.
-"""
+"""Command-line interface: parse flags into Settings, dispatch, and turn the errors that
+reach it into exit codes (one line each). Each RunnerError carries its own code
+(runner/errors.py); a run's own outcome is mapped by the guard, and the flow stage's by
+runner/stage.py, from the same table."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from runner.channel import Inbox
 from runner.crash import Stop, WorkerExit, oom_kill_count
 from runner.settings import Settings
 from runner.telemetry.reporter import RunTelemetry
+from runner.vm.clouds import CLOUDS
 from runner.vm.metadata import cloud_from_dmi
 from runner.vm.spot import SpotWatch
 
@@ -148,7 +149,7 @@ class Supervisor:
         cloud = self._settings.cloud
         if cloud == "auto":
             cloud = cloud_from_dmi()  # a file read; off-cloud it says "none"
-        if cloud not in ("aws", "gcp", "azure") or self._settings.spot_poll_seconds <= 0:
+        if cloud not in CLOUDS or self._settings.spot_poll_seconds <= 0:
             return
         watch = SpotWatch(
             cloud,
