@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from runner import prefect_compat
 from runner.channel import Sender
 from runner.errors import ExitCode, RunnerError, exit_code_for_state
 
@@ -87,9 +88,7 @@ def reporting(channel: Sender, body: Callable[[], int]) -> int:
         return int(ExitCode.CRASHED)
     finally:
         if "prefect" in sys.modules:  # logs and events queued by the flow stage
-            from runner.prefect_compat import flush
-
-            flush()
+            prefect_compat.flush()
 
 
 # The flow and its run once loaded: what a cancel needs on a Prefect whose engine cannot
@@ -111,8 +110,6 @@ def _stop_with_intent(signum: int, _frame: object) -> None:
     leaves without it: the cancel's hooks run here first, the queued logs are sent, and
     the guard proposes the state (Cancelled, AwaitingRetry or Crashed) as it does for a
     worker that died."""
-    from runner import prefect_compat
-
     intent = "cancel" if signum == signal.SIGUSR1 else "relinquish"
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)

@@ -16,6 +16,7 @@ from runner.launch.providers.azure import (
     INSTALL,
     _first_line,
     arm_errors,
+    default_credential,
 )
 
 DEFAULT_REGION = "eastus"
@@ -70,10 +71,6 @@ def _sizes(
         from azure.mgmt.compute import ComputeManagementClient
     except ImportError:
         raise MissingDependency(f"the azure catalog needs azure-mgmt-compute: {INSTALL}") from None
-    try:
-        from azure.identity import DefaultAzureCredential
-    except ImportError:
-        raise MissingDependency(f"the azure catalog needs azure-identity: {INSTALL}") from None
     # The credential chain also logs every credential it tried, many lines, and with no
     # handler of azure's own Python prints them to stderr: the one error line says enough.
     azure_logs = logging.getLogger("azure")
@@ -83,7 +80,7 @@ def _sizes(
     doing = f"listing the VM sizes of subscription {subscription} in {location}"
     with (
         arm_errors(doing, subscription=subscription, endpoint=endpoint),
-        DefaultAzureCredential() as credential,
+        default_credential("the azure catalog") as credential,
         ComputeManagementClient(
             credential,
             subscription,

@@ -9,12 +9,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
-from runner.errors import ConfigError, MissingDependency
+from runner.errors import ConfigError
 from runner.launch.catalog import VmType
 from runner.launch.providers.gcp import (
     CLOUD_PLATFORM,
     ENDPOINT_VARIABLE,
     api_endpoint,
+    compute_sdk,
     google_errors,
 )
 
@@ -54,13 +55,12 @@ GPUS = {"nvidia-l4": "Nvidia L4 GPU", "nvidia-tesla-a100": "Nvidia Tesla A100 GP
 # Preemptible, Commit1Yr...) says it too; both are checked.
 _ON_DEMAND = re.compile(r"(?P<words>.+?) running in \S.*")
 _PER_HOUR, _PER_GIB_HOUR = "h", "GiBy.h"  # the pricingExpression's usageUnit
-_INSTALL = "pip install 'prefect-vm-runner[launch-gcp]'"
 
 
 def read(names: Sequence[str], *, region: str, project: str | None) -> dict[str, VmType]:
     """Each named machine type a zone of ``region`` has, priced from the SKUs that apply
     in ``region``; ConfigError naming the types it has but that cannot be priced."""
-    compute = _sdk()
+    compute = compute_sdk("the gcp catalog")
     credentials, project = _credentials(project)
     # Read here, once: gcloud's overrides, for a private endpoint or a stand-in.
     compute_override = os.environ.get(ENDPOINT_VARIABLE)
@@ -88,14 +88,6 @@ def read(names: Sequence[str], *, region: str, project: str | None) -> dict[str,
         them = "it" if len(unpriced) == 1 else "them"
         raise ConfigError(f"no on-demand price in {region} {'; '.join(unpriced)}; --drop {them}")
     return types
-
-
-def _sdk() -> Any:
-    try:
-        from google.cloud import compute_v1
-    except ImportError:
-        raise MissingDependency(f"the gcp catalog needs google-cloud-compute: {_INSTALL}") from None
-    return compute_v1
 
 
 def _credentials(project: str | None) -> tuple[Any, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import importlib
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -60,17 +61,16 @@ def refresh(
             f"{cloud} offers no {', '.join(missing)} in {region}, or no on-demand price for "
             f"it (a typo? else --drop it); {path} is unchanged"
         )
-    for name in names:
-        if (before := current.get(name)) != fresh[name]:
-            say(f"  {name}: {_change(before, fresh[name])}")
+    changed = [name for name in names if current.get(name) != fresh[name]]
+    for name in changed:
+        say(f"  {name}: {_change(current.get(name), fresh[name])}")
     today = datetime.datetime.now(datetime.timezone.utc).date()
     about = (
         f"{source.ABOUT}, {region}, read on {today} by `python -m runner launch catalog "
         f"{cloud}`. Types: vCPUs, GiB, NVIDIA GPUs, arm."
     )
     path.write_text(dump({name: fresh[name] for name in names}, about=about))
-    changed = sum(current.get(name) != fresh[name] for name in names)
-    say(f"wrote {path}: {len(names)} types, {changed} changed")
+    say(f"wrote {path}: {len(names)} types, {len(changed)} changed")
     return 0
 
 
@@ -80,11 +80,6 @@ def _change(before: VmType | None, after: VmType) -> str:
     size += ", arm" if after.arm else ""
     if before is None:
         return f"added ({size}, ${after.on_demand:g}/h)"
-    if (before.vcpus, before.memory_gib, before.gpus, before.arm) != (
-        after.vcpus,
-        after.memory_gib,
-        after.gpus,
-        after.arm,
-    ):
+    if replace(before, on_demand=after.on_demand) != after:  # its size changed
         return f"now {size}, ${after.on_demand:g}/h"
     return f"${before.on_demand:g}/h -> ${after.on_demand:g}/h"

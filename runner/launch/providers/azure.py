@@ -87,13 +87,7 @@ class AzureProvider:
                 f"the azure provider needs azure-mgmt-compute and azure-mgmt-network: {INSTALL}"
             ) from None
         if credential is None:
-            try:
-                from azure.identity import DefaultAzureCredential
-            except ImportError:
-                raise MissingDependency(
-                    f"the azure provider needs azure-identity: {INSTALL}"
-                ) from None
-            credential = DefaultAzureCredential()
+            credential = default_credential("the azure provider")
         endpoint = (arm_endpoint or ARM_ENDPOINT).rstrip("/")
         options: dict[str, Any] = {
             "base_url": endpoint,
@@ -422,6 +416,16 @@ def _blob_text(uri: str) -> str:
         response = client.send_request(HttpRequest("GET", uri))
         response.raise_for_status()
         return response.text()
+
+
+def default_credential(who: str) -> Any:
+    """Azure's DefaultAzureCredential (a managed identity, AZURE_* variables, az login), or
+    one MissingDependency line saying how to install it."""
+    try:
+        from azure.identity import DefaultAzureCredential
+    except ImportError:
+        raise MissingDependency(f"{who} needs azure-identity: {INSTALL}") from None
+    return DefaultAzureCredential()
 
 
 @contextmanager

@@ -94,7 +94,7 @@ class GcpProvider:
                 "the gcp provider takes no security_groups: GCE applies the firewall rules "
                 "of the subnet's network (target them with network tags there)"
             )
-        compute = _sdk()
+        compute = compute_sdk()
         if credentials is None:
             credentials = _default_credentials()
         options = {"api_endpoint": api_endpoint} if api_endpoint else None
@@ -437,13 +437,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _sdk() -> Any:
+def compute_sdk(who: str = "the gcp provider") -> Any:
+    """google-cloud-compute, or one MissingDependency line saying how to install it."""
     try:
         from google.cloud import compute_v1
     except ImportError:
         raise MissingDependency(
-            "the gcp provider needs google-cloud-compute: "
-            "pip install 'prefect-vm-runner[launch-gcp]'"
+            f"{who} needs google-cloud-compute: pip install 'prefect-vm-runner[launch-gcp]'"
         ) from None
     return compute_v1
 
