@@ -13,12 +13,14 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 
-from runner.bootstrap_api import api_client, connection, websocket_token
+from runner.prefect_rest import RunApi, connection, websocket_token
+from runner.retry import Backoff
 
 log = logging.getLogger("runner")
 
 CANCELLING = "prefect.flow-run.Cancelling"
-_RECONNECT_MAX_SECONDS = 30.0
+# Between two tries to open the websocket: 1 s, doubling up to 30 s (the poll goes on).
+_RECONNECT = Backoff(first=1.0, most=30.0)
 
 
 class CancelWatch:
@@ -79,7 +81,7 @@ class CancelWatch:
                 },
             },
         }
-        delay = 1.0
+        delays = _RECONNECT.delays()
         while not self._stopping.is_set():
             try:
                 with connect(events_url, subprotocols=["prefect"], open_timeout=10) as socket:
@@ -93,7 +95,7 @@ class CancelWatch:
                         log.info("events websocket refused the subscription: %s", reply)
                         return  # polling carries on
                     socket.send(json.dumps(subscription))
-                    delay = 1.0
+                    delays = _RECONNECT.delays()  # connected: the next drop starts over
                     for message in socket:
                         data = json.loads(message)
                         if data.get("type") == "event" and data["event"]["event"] == CANCELLING:
@@ -102,23 +104,20 @@ class CancelWatch:
             except Exception as exc:  # dropped or unreachable: the poll still runs
                 if self._stopping.is_set():
                     return
-                log.debug("events websocket: %s; reconnecting in %.0fs", exc, delay)
+                log.debug("events websocket: %s; reconnecting", exc)
             finally:
                 with self._lock:
                     self._socket = None
-            self._stopping.wait(delay)
-            delay = min(delay * 2, _RECONNECT_MAX_SECONDS)
+            self._stopping.wait(next(delays))
 
     def _poll(self) -> None:
         if self._poll_seconds <= 0:
             return
         timeout = httpx.Timeout(min(10.0, self._poll_seconds), connect=5.0)
-        with api_client(timeout=timeout) as http:
+        with RunApi(self._flow_run_id, api_wait=0, timeout=timeout) as api:
             while not self._stopping.wait(self._poll_seconds):
                 try:
-                    response = http.get(f"flow_runs/{self._flow_run_id}")
-                    response.raise_for_status()
-                    state = (response.json().get("state") or {}).get("type")
+                    state = api.state(retry_busy=False).get("type")
                 except Exception as exc:  # the API is down for a while: ask again later
                     log.debug("polling the flow run's state: %s", exc)
                     continue

@@ -13,10 +13,9 @@ from typing import Any
 
 import httpx
 
-from runner.bootstrap_api import connection
 from runner.errors import ConfigError, ExitCode, RunnerError
+from runner.prefect_rest import PrefectRest
 from runner.settings import Settings
-from runner.storage import redact
 from runner.telemetry import zombies
 from runner.vm.metadata import Machine, detect
 from runner.vm.prices import hourly_price
@@ -42,15 +41,13 @@ def run(
 ) -> int:
     """Print each check; install the automation if asked; exit 0, or 2 when a check failed."""
     wanted = _automation(settings, missed) if install_automation else None  # bad flags first
-    http: httpx.Client | None = None
+    rest: PrefectRest | None = None
     try:
-        url, headers = connection()
-        http = httpx.Client(
-            base_url=url + "/", headers=headers, timeout=httpx.Timeout(10.0, connect=5.0)
-        )
-        api = _prefect_api(http)
+        rest = PrefectRest(timeout=httpx.Timeout(10.0, connect=5.0))
+        api = _prefect_api(rest)
     except RunnerError as exc:
         api = Check("prefect-api", False, str(exc))
+    http = rest.http if rest is not None else None
     try:
         machine = detect(cloud=settings.cloud, urls=settings.metadata_urls())
         checks = [api, _workdir(settings), _uv(), _containers(), _machine(machine)]
@@ -61,8 +58,8 @@ def run(
         elif wanted:
             checks.append(Check("automation", False, "not installed: no Prefect API"))
     finally:
-        if http is not None:
-            http.close()
+        if rest is not None:
+            rest.close()
     for check in checks:
         say(check.line())
     failed = any(check.ok is False for check in checks)
@@ -80,19 +77,14 @@ def _automation(settings: Settings, missed: int) -> dict[str, Any]:
     return zombies.automation(heartbeat_seconds=settings.heartbeat_seconds, missed=missed)
 
 
-def _prefect_api(http: httpx.Client) -> Check:
-    where = redact(str(http.base_url)).rstrip("/")
+def _prefect_api(rest: PrefectRest) -> Check:
     try:
-        http.get("health").raise_for_status()
-        version = http.get("admin/version")
-    except httpx.HTTPStatusError as exc:
-        code = exc.response.status_code
-        hint = "; check PREFECT_API_KEY" if code in (401, 403) else ""
-        return Check("prefect-api", False, f"{where} answered HTTP {code}{hint}")
-    except httpx.HTTPError as exc:
-        return Check("prefect-api", False, f"{where} unreachable ({type(exc).__name__})")
+        rest.request("GET", "health", "checking its health", retry_busy=False)
+        version = rest.http.get("admin/version")
+    except RunnerError as exc:
+        return Check("prefect-api", False, str(exc))
     server = f" (server {version.json()})" if version.is_success else ""
-    return Check("prefect-api", True, f"{where}{server}")
+    return Check("prefect-api", True, f"{rest.url}{server}")
 
 
 def _workdir(settings: Settings) -> Check:

@@ -9,16 +9,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.responses import DeploymentResponse
-from prefect.flow_engine import load_flow
-from prefect.flows import Flow, load_flow_from_entrypoint
-from prefect.states import State
+from typing import TYPE_CHECKING, Any
 
 from runner import prefect_compat
 from runner.errors import CodeLoadError, RunnerError
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.responses import DeploymentResponse
+    from prefect.flows import Flow
+    from prefect.states import State
 
 
 def load_flow_code(
@@ -37,7 +37,7 @@ def load_flow_code(
     path and pull steps."""
     try:
         if code_dir is None:
-            return load_flow(flow_run)
+            return prefect_compat.load_flow(flow_run)
         os.chdir(code_dir)
         if pull_steps:
             output = prefect_compat.run_steps(
@@ -51,7 +51,7 @@ def load_flow_code(
                 os.chdir(output["directory"])
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        return load_flow_from_entrypoint(deployment.entrypoint, use_placeholder_flow=False)
+        return prefect_compat.load_flow_from_entrypoint(deployment.entrypoint)
     except RunnerError:
         raise
     except Exception as exc:

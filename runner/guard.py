@@ -15,22 +15,20 @@ import sys
 import time
 import uuid
 from contextlib import suppress
-from dataclasses import dataclass, replace
-from typing import Any
 
 from runner import logs, redaction, worker
-from runner.bootstrap_api import CLAIM_MESSAGE, connection
-from runner.channel import Inbox, Sender
+from runner.channel import Claimed, Container, Error, Finished, Inbox, Sender
 from runner.cleanup import clean_up
 from runner.crash import WorkerExit, oom_kill_count
+from runner.ending import CANCEL, CRASH, FINAL_STATES, RESCHEDULE, Ending, decide
 from runner.errors import (
     BootstrapError,
     ConfigError,
     ExitCode,
     RunnerError,
-    exit_code_for_state,
     internal_error_line,
 )
+from runner.prefect_rest import RunApi, claimed_by_a_runner, connection
 from runner.settings import Settings
 from runner.supervisor import FORWARDED, REPORT_API_WAIT, Supervisor, reschedule_late
 from runner.telemetry.reporter import RunTelemetry
@@ -202,29 +200,24 @@ def _conclude(
     *,
     rescheduled: bool,
 ) -> ExitCode:
-    """Turn what the worker said and how it ended into the exit code, making sure a
-    run this runner claimed does not stay Pending or Running in Prefect."""
-    finished, error = inbox.last("finished"), inbox.last("error")
-    if finished:  # the engine reported the final state (the worker may have died after)
-        log.info("flow run %s finished: %s", flow_run_id, finished["name"])
-        return exit_code_for_state(finished["state"])
-    if inbox.last("claimed") is None:
-        # Not ours (already claimed elsewhere) or never reached: leave its state alone.
-        if error:
-            log.error("%s", error["message"])
-            return ExitCode(error["exit_code"])
-        log.error("flow run %s not claimed: %s", flow_run_id, ended.describe())
-        return ExitCode.CRASHED
-
-    ending = _Ending.of(settings, ended, error)
-    if ending.outcome == "rescheduled" and not rescheduled:  # not done as it was stopped
-        claimed = inbox.last("claimed") or {}
-        rescheduled = reschedule_late(
-            settings, ending.message, run_count_at_claim=claimed.get("run_count", 0)
-        )
+    """Carry out how the run ends (runner/ending.py): propose its state where the worker
+    did not, so that a run this runner claimed never stays Pending or Running in
+    Prefect; return the exit code."""
+    claimed = inbox.last(Claimed)
+    ending = decide(
+        flow_run_id,
+        ended,
+        claimed=claimed is not None,
+        finished=inbox.last(Finished),
+        error=inbox.last(Error),
+        on_preemption=settings.on_preemption,
+    )
+    if ending.propose == RESCHEDULE and not rescheduled:  # not done as it was stopped
+        run_count = claimed.run_count if claimed else 0
+        rescheduled = reschedule_late(settings, ending.message, run_count_at_claim=run_count)
         if not rescheduled:
             ending = ending.refused()
-    if ending.outcome != "rescheduled":
+    if ending.propose in (CANCEL, CRASH):
         ending = _report(settings, flow_run_id, ending)
     if ended.stop is not None and ended.stop.reason == "preemption":
         telemetry.event(
@@ -233,25 +226,18 @@ def _conclude(
             policy=settings.on_preemption,
             rescheduled=rescheduled,
         )
-    failed = ending.outcome == "crashed" or ending.code == ExitCode.CRASHED
-    level = logging.ERROR if failed else logging.WARNING
-    log.log(level, "flow run %s %s: %s", flow_run_id, ending.outcome, ending.message)
+    log.log(ending.level, "%s", ending.line)
     return ending.code
 
 
-def _report(settings: Settings, flow_run_id: uuid.UUID, ending: _Ending) -> _Ending:
+def _report(settings: Settings, flow_run_id: uuid.UUID, ending: Ending) -> Ending:
     """Move the run to Cancelled or Crashed, unless it reached a final state already."""
     try:
-        from runner.prefect_api import PrefectApi
-
-        with PrefectApi.connect(
-            flow_run_id, api_wait=min(settings.api_wait, REPORT_API_WAIT)
-        ) as api:
-            state = api.read_flow_run().state
-            if state is not None and state.is_final():  # the engine, or a zombie detector
-                code = exit_code_for_state(state.type.value)
-                return _Ending(f"ended {state.name}", state.message or "", code)
-            if ending.outcome == "cancelled":
+        with RunApi(flow_run_id, api_wait=min(settings.api_wait, REPORT_API_WAIT)) as api:
+            state = api.state()
+            if state.get("type") in FINAL_STATES:  # the engine, or a zombie automation
+                return ending.already(state["type"], state.get("name") or "", state.get("message"))
+            if ending.propose == CANCEL:
                 api.cancel(ending.message)
             else:
                 api.crash(ending.message)
@@ -275,70 +261,28 @@ def _crash_unclaimed(error: user_data.UserDataError) -> None:
             os.environ.setdefault(key, value)
     redaction.watch(error.values.get("RUNNER_SECRET_ENV"))  # the key is masked from here on
     try:
-        from runner.prefect_api import PrefectApi
-
-        with PrefectApi.connect(run_id, api_wait=REPORT_API_WAIT) as api:
-            state = api.read_flow_run().state
-            unclaimed = (
-                state is None
-                or state.is_scheduled()
-                or (state.is_pending() and not (state.message or "").startswith(CLAIM_MESSAGE))
-            )
-            if unclaimed:
+        with RunApi(run_id, api_wait=REPORT_API_WAIT) as api:
+            state = api.state()
+            waiting = state.get("type") in (None, "SCHEDULED", "PENDING")
+            if waiting and not claimed_by_a_runner(state):
                 api.crash(f"the VM's user-data cannot be used: {error}")
     except Exception as exc:
         log.error("could not report to Prefect that the run crashed: %s", exc)
-    finally:
-        _flush_prefect()
-
-
-@dataclass(frozen=True)
-class _Ending:
-    """How the guard ends a claimed run whose flow did not report a final state."""
-
-    outcome: str  # cancelled | rescheduled | crashed (proposed by the guard) | ended <state>
-    message: str
-    code: ExitCode
-
-    @classmethod
-    def of(cls, settings: Settings, ended: WorkerExit, error: dict[str, Any] | None) -> _Ending:
-        why = error["message"] if error else ended.describe()
-        stop = ended.stop
-        if stop is None or stop.reason == "interrupt":
-            return cls("crashed", why, ExitCode(error["exit_code"]) if error else ExitCode.CRASHED)
-        if stop.reason == "cancel":
-            # The flow's engine moves a cancelled run on itself (and runs its
-            # on_cancellation hooks); a worker stopped before or without that leaves it here.
-            message = f"cancelled; the flow's engine did not finish the cancel ({why})"
-            return cls("cancelled", message, ExitCode.FLOW_FAILED)
-        killed = f"; {ended.describe()}" if ended.killed_by_guard else ""
-        if stop.reason == "max-runtime":
-            return cls("crashed", f"{stop.detail}{killed}", ExitCode.CRASHED)
-        if settings.on_preemption == "reschedule":
-            # Exit 0, as `prefect flow-run execute` does: a Prefect worker that sees a
-            # non-zero exit would propose Crashed over the rescheduled run.
-            return cls("rescheduled", f"preempted ({stop.detail}){killed}", ExitCode.COMPLETED)
-        return cls("crashed", f"preempted ({stop.detail}){killed}", ExitCode.CRASHED)
-
-    def refused(self) -> _Ending:
-        """The server would not reschedule the run: it crashes instead."""
-        message = f"{self.message}; the server refused to reschedule it"
-        return replace(self, outcome="crashed", message=message, code=ExitCode.CRASHED)
 
 
 def _remove_orphan_container(inbox: Inbox, ended: WorkerExit) -> None:
     """A container CLI killed by a signal (SIGKILL after the grace period) leaves its
     container running the flow, unwatched: remove it."""
-    container = inbox.last("container")
+    container = inbox.last(Container)
     if container is None or ended.exit_code is not None:
         return
     from runner.environment.image import remove
 
-    log.info("removing container %s, whose CLI was killed", container["name"])
+    log.info("removing container %s, whose CLI was killed", container.name)
     try:
-        remove(container["cli"], container["name"])
+        remove(container.cli, container.name)
     except Exception as exc:  # the report and teardown still come
-        log.error("could not remove container %s: %s", container["name"], exc)
+        log.error("could not remove container %s: %s", container.name, exc)
 
 
 def _write_summary(

@@ -93,6 +93,24 @@ def engine_heartbeats_off() -> Iterator[None]:
         yield
 
 
+def load_flow(flow_run: Any) -> Any:
+    """The flow of a deployment's run through Prefect's own loader (the deployment's
+    storage, path and pull steps)."""
+    from prefect.flow_engine import load_flow as engine_load_flow
+
+    return engine_load_flow(flow_run)
+
+
+def load_flow_from_entrypoint(entrypoint: str) -> Any:
+    """The flow at ``entrypoint`` ("path.py:name" or "module.name"), imported for real:
+    never the placeholder a Prefect that can make one would give for an import error."""
+    from prefect.flows import load_flow_from_entrypoint as load
+
+    if "use_placeholder_flow" in inspect.signature(load).parameters:
+        return load(entrypoint, use_placeholder_flow=False)
+    return load(entrypoint)
+
+
 def run_flow(flow: Any, flow_run: Any, *, error_logger: logging.Logger) -> Any:
     """Prefect's ``run_flow`` for a flow run that exists already, returning its state;
     ``error_logger`` (where a crash's traceback goes) only where it takes one."""
@@ -113,3 +131,32 @@ def run_steps(steps: list[dict[str, Any]], **context: Any) -> dict[str, Any]:
     accepted = inspect.signature(run_deployment_steps).parameters
     given = {name: value for name, value in context.items() if name in accepted}
     return run_coro_as_sync(run_deployment_steps(steps, **given)) or {}
+
+
+def emit(**event: Any) -> None:
+    """Queue one event for Prefect's events worker (sent in the background): the events
+    sender's way out where the API has no ``POST /events``."""
+    from prefect.events import emit_event
+
+    emit_event(**event)
+
+
+def quiet_reconnects() -> None:
+    """Keep the one line, not the traceback, that Prefect logs when the API drops its
+    events websocket (a restart, a network blip): the observer falls back to polling and
+    reconnects by itself, and a journal full of tracebacks hides the errors that matter."""
+    for name in OBSERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if _dropped_socket_line not in logger.filters:
+            logger.addFilter(_dropped_socket_line)
+
+
+def _dropped_socket_line(record: logging.LogRecord) -> bool:
+    from websockets.exceptions import ConnectionClosed
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.levelno <= logging.WARNING and isinstance(exc, (OSError, ConnectionClosed)):
+        detail = f"{type(exc).__name__}: {exc}".replace("%", "%%")  # msg is a %-format
+        record.msg = f"{record.msg} ({detail})"
+        record.exc_info = record.exc_text = None
+    return True

@@ -12,6 +12,10 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import ConfigError
+from runner.vm import clouds  # the registry only: it imports each cloud on first use
+
+# What --cloud accepts: each cloud's name in the registry, between 'auto' and 'none'.
+_CLOUD_CHOICES = ("auto", *clouds.CLOUDS, "none")
 
 
 class Settings(BaseSettings):
@@ -155,8 +159,8 @@ class Settings(BaseSettings):
     api_wait: float = Field(
         default=60.0,
         ge=0,
-        description="Seconds to keep retrying an unreachable Prefect API at start before "
-        "giving up (exit code 3).",
+        description="Seconds to keep retrying a Prefect API that does not answer, or answers "
+        "408, 429 or 5xx, before giving up (exit code 3).",
     )
     cancel_grace_seconds: float = Field(
         default=30.0,
@@ -182,19 +186,17 @@ class Settings(BaseSettings):
         description="Seconds between runner.metrics events (CPU, memory, disk, network, GPU, "
         "the worker's memory), sent by the guard from claim to the end; 0 turns them off.",
     )
-    cloud: Literal["auto", "aws", "gcp", "azure", "none"] = Field(
+    cloud: str = Field(
         default="auto",
         description="Which cloud's instance metadata describes this machine (region, "
-        "instance type, spot) on events: 'auto' asks the firmware (DMI), 'none' skips it.",
+        "instance type, spot) on events: 'auto' asks the firmware (DMI) and queries only "
+        f"that cloud; a cloud's name ({', '.join(clouds.CLOUDS)}) queries that one; 'none' "
+        "skips it.",
     )
-    aws_metadata_url: str = Field(
-        default="http://169.254.169.254", description="AWS IMDSv2 base URL."
-    )
-    gcp_metadata_url: str = Field(
-        default="http://metadata.google.internal", description="GCE metadata server base URL."
-    )
-    azure_metadata_url: str = Field(
-        default="http://169.254.169.254", description="Azure IMDS base URL."
+    metadata_url: str | None = Field(
+        default=None,
+        description="The instance metadata service's base URL, for tests or a proxy; "
+        "default: the detected cloud's own.",
     )
     hourly_cost: float | None = Field(
         default=None,
@@ -233,6 +235,13 @@ class Settings(BaseSettings):
             shlex.split(value)  # a ValueError here is one clear settings error
         return value
 
+    @field_validator("cloud")
+    @classmethod
+    def _known_cloud(cls, value: str) -> str:
+        if value not in _CLOUD_CHOICES:
+            raise ValueError(f"unknown cloud {value!r}; choose one of {', '.join(_CLOUD_CHOICES)}")
+        return value
+
     @model_validator(mode="after")
     def _exit_command_given(self) -> Settings:
         if self.on_exit == "command" and not self.on_exit_command:
@@ -261,10 +270,11 @@ class Settings(BaseSettings):
         return {env_var(name): str(value) for name, value in values.items()}
 
     def metadata_urls(self) -> dict[str, str]:
+        """Each cloud's instance metadata base URL (no trailing slash), by cloud name:
+        --metadata-url when set, else the cloud module's own METADATA_URL."""
         return {
-            "aws": self.aws_metadata_url.rstrip("/"),
-            "gcp": self.gcp_metadata_url.rstrip("/"),
-            "azure": self.azure_metadata_url.rstrip("/"),
+            name: (self.metadata_url or clouds.load(name).METADATA_URL).rstrip("/")
+            for name in clouds.CLOUDS
         }
 
     def run_dir(self) -> Path:

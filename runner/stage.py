@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import prefect_compat
-from runner.channel import Sender
+from runner.channel import ENGINE_INTENTS, Error, Finished, Phase, Sender
 from runner.errors import ExitCode, RunnerError, exit_code_for_state
 
 log = logging.getLogger("runner")
@@ -76,15 +76,12 @@ def reporting(channel: Sender, body: Callable[[], int]) -> int:
     except RunnerError as exc:
         if channel.fd < 0:  # nobody to tell but the log (a container without a channel)
             log.error("%s", exc)
-        channel.send("error", message=str(exc), exit_code=int(exc.exit_code))
+        channel.send(Error(message=str(exc), exit_code=int(exc.exit_code)))
         return int(exc.exit_code)
     except BaseException as exc:  # a bug, or a signal the engine turned into an exception
         log.debug("worker stopped by an exception", exc_info=True)
-        channel.send(
-            "error",
-            message=f"worker stopped: {type(exc).__name__}: {exc}",
-            exit_code=ExitCode.CRASHED,
-        )
+        message = f"worker stopped: {type(exc).__name__}: {exc}"
+        channel.send(Error(message=message, exit_code=int(ExitCode.CRASHED)))
         return int(ExitCode.CRASHED)
     finally:
         if "prefect" in sys.modules:  # logs and events queued by the flow stage
@@ -110,9 +107,9 @@ def _stop_with_intent(signum: int, _frame: object) -> None:
     leaves without it: the cancel's hooks run here first, the queued logs are sent, and
     the guard proposes the state (Cancelled, AwaitingRetry or Crashed) as it does for a
     worker that died."""
-    intent = "cancel" if signum == signal.SIGUSR1 else "relinquish"
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    intent = ENGINE_INTENTS[signal.Signals(signum)]
+    for asked in ENGINE_INTENTS:  # once is enough
+        signal.signal(asked, signal.SIG_IGN)
     if prefect_compat.tell_engine(intent):
         signal.raise_signal(signal.SIGTERM)
         return
@@ -134,18 +131,17 @@ def run(stage: Stage, channel: Sender) -> int:
     # retries last about a minute, after which a finished flow would end Crashed and
     # logs be dropped; 7 last about four. Read when Prefect is imported, just below.
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "7")
-    signal.signal(signal.SIGUSR1, _stop_with_intent)
-    signal.signal(signal.SIGUSR2, _stop_with_intent)
+    for asked in ENGINE_INTENTS:
+        signal.signal(asked, _stop_with_intent)
     from prefect.client.schemas.objects import FlowRun
     from prefect.client.schemas.responses import DeploymentResponse
     from prefect.logging.loggers import flow_run_logger
 
     from runner.execute import load_flow_code, run_in_process
-    from runner.prefect_api import quiet_reconnects
     from runner.redaction import mask_all_handlers
 
     mask_all_handlers()  # Prefect's logging is configured by now
-    quiet_reconnects()
+    prefect_compat.quiet_reconnects()
     started = time.monotonic()
     flow_run = FlowRun.model_validate(stage.flow_run)
     deployment = DeploymentResponse.model_validate(stage.deployment)
@@ -163,19 +159,15 @@ def run(stage: Stage, channel: Sender) -> int:
     seconds = time.monotonic() - started
     run_logger.info("flow code loaded into %s in %.2fs", Path.cwd(), seconds)
     if stage.code_dir is None:  # Prefect's own loader placed the code just now
-        channel.send("phase", name="code-pulled", seconds=round(seconds, 3))
+        channel.send(Phase("code-pulled", {"seconds": round(seconds, 3)}))
 
     # GC stays paused through the bootstrap (bounded work, few cycles) and is on
     # for the flow's own code.
     gc.enable()
-    channel.send("phase", name="flow-started")
+    channel.send(Phase("flow-started"))
     started = time.monotonic()
     state = run_in_process(flow, flow_run)
-    channel.send(
-        "phase",
-        name="flow-finished",
-        seconds=round(time.monotonic() - started, 3),
-        state=state.type.value,
-    )
-    channel.send("finished", state=state.type.value, name=state.name, message=state.message)
+    seconds = round(time.monotonic() - started, 3)
+    channel.send(Phase("flow-finished", {"seconds": seconds, "state": state.type.value}))
+    channel.send(Finished(state=state.type.value, name=state.name, message=state.message))
     return int(exit_code_for_state(state.type.value))

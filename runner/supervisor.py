@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from runner.bootstrap_api import BootstrapApi
 from runner.cancellation import CancelWatch
-from runner.channel import Inbox
+from runner.channel import STOP_SIGNALS, Claimed, Finished, Inbox
 from runner.crash import Stop, WorkerExit, oom_kill_count
+from runner.ending import may_reschedule, reschedules_at_stop
+from runner.prefect_rest import RunApi
 from runner.settings import Settings
 from runner.telemetry.reporter import RunTelemetry
 from runner.vm.clouds import CLOUDS
@@ -31,15 +32,6 @@ log = logging.getLogger("runner")
 REPORT_API_WAIT = 30.0
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
-# How the worker is asked to stop, by reason (see stage._stop_with_intent): a cancel runs
-# the flow's on_cancellation hooks; SIGUSR2 stops it without a state of its own, so that
-# the guard proposes the next one (AwaitingRetry, or Crashed with the reason).
-_ASK = {
-    "cancel": signal.SIGUSR1,
-    "preemption": signal.SIGUSR2,
-    "max-runtime": signal.SIGUSR2,
-    "interrupt": signal.SIGINT,
-}
 
 
 class Supervisor:
@@ -75,7 +67,7 @@ class Supervisor:
         self.rescheduled = False  # AwaitingRetry accepted (and retries given back) early
         # Made at the claim, where it costs nothing: a reschedule then is one request, not
         # the 20 ms of setting up a client first.
-        self._api: BootstrapApi | None = None
+        self._api: RunApi | None = None
 
     def notify(self, stop: Stop) -> None:
         """Ask for the worker to be stopped; from any thread."""
@@ -132,8 +124,8 @@ class Supervisor:
 
     def _read_inbox(self) -> None:
         self._pass_on_messages()
-        if self._api is None and self._inbox.last("claimed") is not None:  # just claimed
-            self._api = BootstrapApi(
+        if self._api is None and self._inbox.last(Claimed) is not None:  # just claimed
+            self._api = RunApi(
                 self._settings.run_id(),
                 api_wait=min(self._settings.api_wait, REPORT_API_WAIT),
             )
@@ -183,17 +175,15 @@ class Supervisor:
             log.info("%s while already stopping the worker (%s)", stop.detail, self._stop.detail)
             return
         self._stop = stop
-        how = signal.Signals(_ASK[stop.reason]).name
-        log.info("stopping the worker (%s) for the %s: %s", how, stop.reason, stop.detail)
+        asked = STOP_SIGNALS[stop.reason]
+        log.info("stopping the worker (%s) for the %s: %s", asked.name, stop.reason, stop.detail)
         with suppress(ProcessLookupError):
-            os.kill(self._pid, _ASK[stop.reason])
+            os.kill(self._pid, asked)
         self._kill_at = time.monotonic() + self._settings.cancel_grace_seconds
-        reschedule = self._settings.on_preemption == "reschedule"
-        finished = self._inbox.last("finished") is not None  # its state is final already
-        if stop.reason == "preemption" and reschedule and self._api and not finished:
-            # As Prefect's supervisor does: propose AwaitingRetry as the engine is told to
-            # stop without a state of its own, not once the worker is gone (its exit, which
-            # flushes logs, takes about a second a spot VM may not have).
+        finished = self._inbox.last(Finished) is not None  # its state is final already
+        policy = self._settings.on_preemption
+        if self._api and reschedules_at_stop(stop, on_preemption=policy, finished=finished):
+            # As Prefect's supervisor does: as the engine is told to stop without a state.
             self._rescheduling = threading.Thread(
                 target=self._reschedule_now,
                 args=(self._api, f"preempted ({stop.detail})"),
@@ -202,11 +192,11 @@ class Supervisor:
             )
             self._rescheduling.start()
 
-    def _reschedule_now(self, api: BootstrapApi, message: str) -> None:
-        claimed = self._inbox.last("claimed") or {}
+    def _reschedule_now(self, api: RunApi, message: str) -> None:
+        claimed = self._inbox.last(Claimed)
         try:
             self.rescheduled = api.reschedule(
-                message, run_count_at_claim=claimed.get("run_count", 0)
+                message, run_count_at_claim=claimed.run_count if claimed else 0
             )
         except Exception as exc:  # the guard's conclusion tries again once the worker is gone
             log.warning("could not reschedule the run yet: %s", exc)
@@ -248,15 +238,12 @@ class Supervisor:
 
 def reschedule_late(settings: Settings, message: str, *, run_count_at_claim: int) -> bool:
     """After the worker is gone, where the reschedule as it was stopped did not happen (the
-    API failed then): propose AwaitingRetry, unless the run is final already (it finished
-    before the stop; a Crashed one may be rescheduled), and give the attempts this runner
-    started back to its retries. False when not rescheduled."""
+    API failed then): propose AwaitingRetry, where the run may still be (ending.py), and
+    give the attempts this runner started back to its retries. False when not
+    rescheduled."""
     try:
-        with BootstrapApi(
-            settings.run_id(), api_wait=min(settings.api_wait, REPORT_API_WAIT)
-        ) as api:
-            state = (api.read_flow_run().get("state") or {}).get("type")
-            if state in ("COMPLETED", "FAILED", "CANCELLED"):
+        with RunApi(settings.run_id(), api_wait=min(settings.api_wait, REPORT_API_WAIT)) as api:
+            if not may_reschedule(api.state().get("type")):
                 return False
             return api.reschedule(message, run_count_at_claim=run_count_at_claim)
     except Exception as exc:  # a run that is not rescheduled is crashed instead

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from runner import __version__, code, logs
-from runner.bootstrap_api import BootstrapApi, RunLog, prefect_environment, run_resources
-from runner.channel import Sender
+from runner.channel import Claimed, Container, Phase, Sender
 from runner.errors import BootstrapError, CodeLoadError, EnvBuildError
+from runner.prefect_rest import RunApi, RunLog, prefect_environment, run_resources
 from runner.settings import Settings
 from runner.stage import Stage, reporting
 from runner.stage import run as run_flow_stage
@@ -91,18 +91,14 @@ def _stops_held() -> Iterator[None]:
 
 def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> int:
     started = time.monotonic()
-    with BootstrapApi(flow_run_id, api_wait=settings.api_wait) as api:
+    with RunApi(flow_run_id, api_wait=settings.api_wait) as api:
         run_log = RunLog(api)
         try:
             with _stops_held():
                 flow_run = api.claim()
                 resource, related = run_resources(flow_run)
-                channel.send(
-                    "claimed",
-                    resource=resource,
-                    related=related,
-                    run_count=int(flow_run.get("run_count") or 0),
-                )
+                run_count = int(flow_run.get("run_count") or 0)
+                channel.send(Claimed(resource=resource, related=related, run_count=run_count))
             run_log.info(
                 "prefect-vm-runner %s claimed flow run %s on %s (worker pid %d) in %.2fs",
                 __version__,
@@ -125,13 +121,12 @@ def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> i
                 run_log.flush()  # what happened so far is visible while the code downloads
                 pulled = code.pull(url, run_dir / "code", settings=settings, say=run_log.info)
                 code_dir = pulled.directory
-                channel.send(
-                    "phase",
-                    name="code-pulled",
-                    seconds=round(pulled.seconds, 3),
-                    cache_hit=pulled.fetched.cache_hit,
-                    bytes_downloaded=pulled.fetched.bytes_downloaded,
-                )
+                details = {
+                    "seconds": round(pulled.seconds, 3),
+                    "cache_hit": pulled.fetched.cache_hit,
+                    "bytes_downloaded": pulled.fetched.bytes_downloaded,
+                }
+                channel.send(Phase("code-pulled", details))
             stage = Stage(
                 flow_run=flow_run,
                 deployment=deployment,
@@ -177,27 +172,27 @@ def _environment(
             extra_env=api_env,
             say=run_log.info,
         )
-        channel.send("container", cli=launch.cli, name=launch.name)
+        channel.send(Container(cli=launch.cli, name=launch.name))
         seconds = round(time.monotonic() - started, 3)
-        channel.send("phase", name="env-ready", environment="image", image=ref, seconds=seconds)
+        details = {"environment": "image", "image": ref, "seconds": seconds}
+        channel.send(Phase("env-ready", details))
         return lambda: _exec(
             launch.argv, stage, settings, channel_to=launch.channel_fd, env=api_env
         )
     spec = find_spec(settings, flow_run, code_dir, say=run_log.info)
     if spec is None:
-        channel.send("phase", name="env-ready", environment="runner", seconds=0.0)
+        channel.send(Phase("env-ready", {"environment": "runner", "seconds": 0.0}))
         return None
     from runner.environment.materialize import materialize
 
     run_log.flush()  # a cold build can take a while: show what is happening
     ready = materialize(spec, settings=settings, say=run_log.info)
-    channel.send(
-        "phase",
-        name="env-ready",
-        environment=spec.kind,
-        seconds=round(ready.seconds, 3),
-        cache_hit=ready.cache_hit,
-    )
+    details = {
+        "environment": spec.kind,
+        "seconds": round(ready.seconds, 3),
+        "cache_hit": ready.cache_hit,
+    }
+    channel.send(Phase("env-ready", details))
     argv = [str(ready.python), "-m", "runner", "worker-stage", str(_stage_file(settings))]
     env_root = str(ready.python.parent.parent)
     # As an activated venv: the env's console scripts and `python` come first for the

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from runner.bootstrap_api import BootstrapApi
+from runner.ending import FINAL_STATES
 from runner.errors import FlowRunNotFound
 from runner.launch.providers.base import (
     TAG_CLAIM_TIMEOUT,
@@ -18,12 +18,12 @@ from runner.launch.providers.base import (
     Provider,
     Vm,
 )
+from runner.prefect_rest import RunApi
 
 log = logging.getLogger("runner")
 
 GRACE_SECONDS = 300.0  # after its run ended, a VM's own worker deletes it first
 MARGIN_SECONDS = 600.0  # past max_runtime, or claim_timeout, before the sweep steps in
-_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 _WAITING = {"SCHEDULED", "PENDING"}
 
 # A run's state type and since when; None when the run no longer exists.
@@ -33,9 +33,9 @@ StateReader = Callable[[str], "RunState | None"]
 
 def read_state(flow_run_id: str) -> RunState | None:
     """The run's state type and its timestamp, from the Prefect API."""
-    with BootstrapApi(uuid.UUID(flow_run_id), api_wait=10.0) as api:
+    with RunApi(uuid.UUID(flow_run_id), api_wait=10.0) as api:
         try:
-            state = api.read_flow_run().get("state") or {}
+            state = api.state()
         except FlowRunNotFound:
             return None
     since = state.get("timestamp")
@@ -85,7 +85,7 @@ def why_due(vm: Vm, state_of: StateReader, *, grace: float, now: datetime) -> st
     if run is None:
         return f"its flow run {run_id} no longer exists"
     state, since = run
-    if state in _FINAL:
+    if state in FINAL_STATES:
         if vm.state == "stopped":
             return f"it is powered off and its flow run {run_id} is {state.lower()}"
         ended = (now - since).total_seconds()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from runner.errors import TransientStorageError
+from runner.retry import Backoff, retry
 from runner.storage import redact
 from runner.storage.base import Storage
 
@@ -103,21 +104,20 @@ def _read_part(
 
 
 def _with_retries(call: Callable[[], T], config: TransferConfig, *, what: str) -> T:
-    delay = config.backoff_seconds
-    for attempt in range(config.retries + 1):
-        try:
-            return call()
-        except TransientStorageError as exc:
-            if attempt == config.retries:
-                raise
-            log.warning(
-                "transient error reading %s (%s); retry %d of %d in %.1fs",
-                what,
-                exc,
-                attempt + 1,
-                config.retries,
-                delay,
-            )
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+    def say(exc: Exception, retries: int, delay: float) -> None:
+        log.warning(
+            "transient error reading %s (%s); retry %d of %d in %.1fs",
+            what,
+            exc,
+            retries,
+            config.retries,
+            delay,
+        )
+
+    return retry(
+        call,
+        on=TransientStorageError,
+        backoff=Backoff(first=config.backoff_seconds),
+        attempts=config.retries + 1,
+        before_retry=say,
+    )

@@ -10,14 +10,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from runner.retry import Backoff
+
 log = logging.getLogger("runner")
 
 T = TypeVar("T")
 
-_FIRST_DELAY = 0.5
-# The longest wait between two tries: the backlog goes out at most this long after the
-# API is back.
-_MAX_DELAY = 5.0
+# Between two tries: 0.5 s, doubling up to 5 s, so the backlog goes out at most 5 s after
+# the API is back.
+_BACKOFF = Backoff(first=0.5, most=5.0)
 
 
 class Transient(Exception):
@@ -90,7 +91,7 @@ class Outbox(Generic[T]):
             self._dropped += 1
 
     def _run(self) -> None:
-        delay = _FIRST_DELAY
+        delays = _BACKOFF.delays()
         while True:
             with self._ready:
                 while not self._items and not self._closing:
@@ -109,15 +110,14 @@ class Outbox(Generic[T]):
                 with self._ready:
                     # Sleep on the condition: close() does not cut the wait short (the
                     # backlog is still tried until its deadline), but abandoning does.
-                    self._ready.wait_for(lambda: self._abandoned, timeout=delay)
-                delay = min(delay * 2, _MAX_DELAY)
+                    self._ready.wait_for(lambda: self._abandoned, timeout=next(delays))
                 continue
             except Exception:  # a bug in deliver: drop the first item, not the run's events
                 log.warning("could not send a runner event; dropped it", exc_info=True)
                 sent = 1
             else:
                 self._note_recovery()
-            delay = _FIRST_DELAY
+            delays = _BACKOFF.delays()
             self._put_back(batch[max(sent, 1) :])
 
     def _put_back(self, items: list[T]) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from runner.channel import Claimed, Message, Phase
 from runner.telemetry.metrics import Sampler
 from runner.telemetry.periodic import Emit, Periodic
 from runner.telemetry.summary import Usage, render
@@ -53,19 +54,17 @@ class RunTelemetry:
         self._cache_hits: dict[str, bool] = {}
         self._state: str | None = None
 
-    def on_message(self, message: dict[str, Any]) -> None:
-        kind = message.get("kind")
-        if kind == "claimed" and self._resource is None:
-            self._resource, self._related = message["resource"], message["related"]
+    def on_message(self, message: Message) -> None:
+        if isinstance(message, Claimed) and self._resource is None:
+            self._resource, self._related = message.resource, message.related
             if (machine := self.machine()) is not None:
                 self._related = [*self._related, machine.resource()]
             self._start_periodic()
             self._claimed_after = self.elapsed()
             self.phase("claimed", seconds=round(self._claimed_after, 3))
-        elif kind == "phase" and self._resource is not None:
-            details = {k: v for k, v in message.items() if k not in ("kind", "name")}
-            self._note(message["name"], details)
-            self.phase(message["name"], **details)
+        elif isinstance(message, Phase) and self._resource is not None:
+            self._note(message.name, message.details)
+            self.phase(message.name, **message.details)
 
     def _note(self, name: str, details: dict[str, Any]) -> None:
         if "seconds" in details:

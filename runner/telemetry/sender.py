@@ -1,35 +1,33 @@
 """Send the guard's events and its summary artifact through Prefect's REST API (``POST
-/events``, ``POST /artifacts/``) with httpx, so that the guard never imports Prefect: it
-stays small (its memory is on every VM for the whole run). Where the API has no
-``/events`` endpoint, Prefect's own events client takes over."""
+/events``, ``POST /artifacts/``: runner/prefect_rest.py), so that the guard never imports
+Prefect: it stays small (its memory is on every VM for the whole run). Where the API has
+no ``/events`` endpoint, Prefect's own events client takes over."""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from runner.bootstrap_api import api_client
+from runner.errors import RunnerError
+from runner.prefect_rest import ApiBusy, PrefectRest
 from runner.redaction import mask, scrub
 from runner.telemetry.outbox import Outbox, Transient
 
 log = logging.getLogger("runner")
 
-# Worth trying again: the API is restarting, overloaded or behind a proxy that lost it.
-_RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+T = TypeVar("T")
+
 # A day of heartbeats and metrics at 30 s, about 5 MiB; an hour at the tests' 1 s.
 CAPACITY = 6000
 # How long close() keeps trying to send the backlog: the run is over, and a VM that
 # waits longer for an unreachable API only bills longer.
 CLOSE_TIMEOUT = 30.0
-
-
-class _Refused(Exception):
-    """The API answered, and said no."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class EventSender:
     the operator then sees no gap in the run's events."""
 
     def __init__(self, *, capacity: int = CAPACITY) -> None:
-        self._http: httpx.Client | None = None
+        self._api: PrefectRest | None = None
         self._fallback = False
         self._outbox: Outbox[_Request] = Outbox(self._deliver, capacity=capacity)
 
@@ -92,8 +90,8 @@ class EventSender:
                 unsent,
                 timeout,
             )
-        if self._http is not None:
-            self._http.close()
+        if self._api is not None:
+            self._api.close()
 
     def _deliver(self, requests: list[_Request]) -> int:
         """Send the first request, with the events that follow it in one POST; return how
@@ -102,8 +100,8 @@ class EventSender:
         first = requests[0]
         if first.path != "events":
             try:
-                self._post(first.path, first.body)
-            except _Refused as exc:
+                self._call(lambda api: api.create_artifact(first.body))
+            except RunnerError as exc:
                 log.warning("Prefect API refused the run summary artifact: %s", exc)
             return 1
         events = []
@@ -114,38 +112,27 @@ class EventSender:
         try:
             if self._fallback:
                 _prefect_emit(events)
-            elif self._post("events", events) in (404, 405):  # an API without POST /events
+            elif not self._call(lambda api: api.post_events(events)):  # no POST /events
                 log.info("Prefect API has no POST /events; sending events through Prefect's client")
                 self._fallback = True
                 _prefect_emit(events)
-        except _Refused as exc:
+        except RunnerError as exc:
             log.warning("Prefect API refused %d runner event(s): %s", len(events), exc)
         return len(events)
 
-    def _post(self, path: str, body: Any) -> int:
-        """POST, raising ``Transient`` for what may pass; returns the status (404/405 too,
-        for the events fallback)."""
+    def _call(self, request: Callable[[PrefectRest], T]) -> T:
+        """One request; what may pass (no answer, 5xx, 429) is ``Transient``: the outbox
+        tries it again later."""
+        if self._api is None:  # only the outbox's thread gets here
+            self._api = PrefectRest(timeout=httpx.Timeout(15.0, connect=5.0))
         try:
-            response = self._client().post(path, json=body)
-        except httpx.TransportError as exc:
-            raise Transient(type(exc).__name__) from exc
-        if response.status_code in _RETRY_STATUSES:
-            raise Transient(f"HTTP {response.status_code}")
-        if path == "events" and response.status_code in (404, 405):
-            return response.status_code
-        if response.is_error:  # the status alone: the URL is the user's to see, not the log's
-            raise _Refused(f"HTTP {response.status_code} for POST /{path}")
-        return response.status_code
-
-    def _client(self) -> httpx.Client:
-        # Only the outbox's thread gets here.
-        if self._http is None:
-            self._http = api_client(timeout=httpx.Timeout(15.0, connect=5.0))
-        return self._http
+            return request(self._api)
+        except ApiBusy as exc:
+            raise Transient(exc.problem) from exc
 
 
 def _prefect_emit(events: list[dict[str, Any]]) -> None:
-    from runner.prefect_api import emit
+    from runner.prefect_compat import emit
 
     for event in events:
         emit(

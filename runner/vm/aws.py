@@ -8,6 +8,7 @@ import urllib.error
 from runner.vm.clouds import NoticeCheck
 from runner.vm.metadata import Dmi, Machine, fetch
 
+METADATA_URL = "http://169.254.169.254"  # IMDSv2: a token PUT, then GETs
 _NOTICE_TOKEN_TTL_SECONDS = 21600  # the most IMDSv2 allows; a 401 fetches a new one anyway
 
 

@@ -11,6 +11,7 @@ from runner.vm.metadata import Dmi, Machine, fetch
 
 log = logging.getLogger("runner")
 
+METADATA_URL = "http://169.254.169.254"  # IMDS and Scheduled Events (Metadata: true)
 _HEADERS = {"Metadata": "true"}
 _INSTANCE_API_VERSION = "2021-02-01"
 _EVENTS_API_VERSION = "2020-07-01"

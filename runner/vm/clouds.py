@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 __all__ = ["CLOUDS", "Cloud", "NoticeCheck", "load"]
 
 # name -> module. Dotted paths, imported on first use, like runner/storage's backends;
-# the order is the order in which DMI is asked which cloud this is.
+# the order is the order in which DMI is asked which cloud this is. A new cloud is one
+# module (see Cloud) and one line here: --cloud accepts every name in this table.
 CLOUDS: dict[str, str] = {
     "aws": "runner.vm.aws",
     "gcp": "runner.vm.gcp",
@@ -23,8 +24,10 @@ NoticeCheck = Callable[[], str | None]
 
 
 class Cloud(Protocol):
-    """What each module in ``CLOUDS`` holds, as module-level functions.
+    """What each module in ``CLOUDS`` holds, at module level.
 
+    ``METADATA_URL``: the base URL of the cloud's instance metadata service, without a
+    trailing slash (``--metadata-url`` replaces it, for tests or a proxy).
     ``in_dmi(dmi)``: whether the firmware's strings name this cloud; no network.
     ``machine(base)``: this machine, from the instance metadata service at ``base``;
     raises (``OSError``, ``urllib.error.HTTPError``, a ``KeyError`` or ``ValueError`` for
@@ -34,6 +37,8 @@ class Cloud(Protocol):
     cloud takes the VM back, then one short line, and raises when the service can't say
     (the watch asks again next tick).
     """
+
+    METADATA_URL: str
 
     def in_dmi(self, dmi: Dmi) -> bool: ...
 

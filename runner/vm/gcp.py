@@ -7,6 +7,7 @@ from functools import partial
 from runner.vm.clouds import NoticeCheck
 from runner.vm.metadata import Dmi, Machine, fetch
 
+METADATA_URL = "http://metadata.google.internal"  # the metadata server (Metadata-Flavor: Google)
 _HEADERS = {"Metadata-Flavor": "Google"}
 
 

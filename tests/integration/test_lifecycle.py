@@ -144,7 +144,7 @@ def test_spot_notice_on_each_clouds_protocol_reschedules_the_run(
     run = flow_run("preemptible", pid_file=str(pid_file), release_file=str(release))
     with MetadataServer() as imds:
         proc = runner.start(
-            "--flow-run-id", str(run.id), "--cloud", cloud, f"--{cloud}-metadata-url", imds.url,
+            "--flow-run-id", str(run.id), "--cloud", cloud, "--metadata-url", imds.url,
             "--spot-poll-seconds", "0.2",
         )  # fmt: skip
         worker_pid = int(wait_for_file(pid_file))

@@ -134,7 +134,7 @@ def test_events_name_the_vm_from_its_metadata_service_and_its_type_prices_the_ru
     with MetadataServer() as imds:
         result = runner.run(
             "--flow-run-id", str(run.id), "--heartbeat-seconds", "1",
-            "--cloud", "aws", "--aws-metadata-url", imds.url, "--price-table", str(prices),
+            "--cloud", "aws", "--metadata-url", imds.url, "--price-table", str(prices),
         )  # fmt: skip
 
     assert result.returncode == 0, result.stderr

@@ -78,6 +78,9 @@ def test_run_flow_and_the_step_runner_take_what_the_runner_passes():
 
     assert {"flow_run", "return_type"} <= set(inspect.signature(run_flow).parameters)
     assert list(inspect.signature(load_flow).parameters) == ["flow_run"]
+    from prefect.flows import load_flow_from_entrypoint
+
+    assert "entrypoint" in inspect.signature(load_flow_from_entrypoint).parameters
     context = {"print_function", "deployment", "flow_run", "logger"}
     assert context <= set(inspect.signature(run_steps).parameters)
 
@@ -104,3 +107,26 @@ def test_cancellation_hooks_run_as_the_engine_runs_them():
         ("sync", "cancelled-flow", "the run", "CANCELLING"),
         ("async", "cancelled-flow", "the run", "CANCELLING"),
     ]
+
+
+def test_a_dropped_events_websocket_is_one_line_not_a_traceback(caplog):
+    import logging
+
+    from websockets.exceptions import ConnectionClosedError
+    from websockets.frames import Close
+
+    prefect_compat.quiet_reconnects()
+    prefect_compat.quiet_reconnects()  # twice: still one filter
+    logger = logging.getLogger(prefect_compat.OBSERVER_LOGGERS[0])
+    assert len(logger.filters) == 1
+    dropped = ConnectionClosedError(Close(1011, "server restarting"), None)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        try:
+            raise dropped
+        except ConnectionClosedError:
+            logger.warning("websocket lost; polling", exc_info=True)
+            logger.error("a real error keeps its traceback", exc_info=True)
+    quieted, kept = caplog.records
+    assert quieted.exc_info is None
+    assert quieted.getMessage().startswith("websocket lost; polling (ConnectionClosedError: ")
+    assert kept.exc_info is not None

@@ -1,11 +1,12 @@
-"""The Prefect REST calls the worker makes before Prefect is imported: read, claim, log.
+"""The runner's calls to the Prefect REST API, all of them: claim, read, propose and force
+states, reschedule, logs, events, artifacts and the cancel poll; one error mapping and one
+list of final states.
 
-Why not Prefect's client here: ``import prefect`` costs over a second, and a
-worker that execs into the flow's environment would pay it twice (once to
-learn which environment, once inside it). These few calls are plain JSON, so
-the worker makes them with httpx (Prefect's own HTTP library) and imports
-Prefect once, in the interpreter that runs the flow. The rules (what counts as
-a claim; how errors map to exit codes) match ``runner.prefect_api``.
+Why not Prefect's client: ``import prefect`` costs over a second and tens of MB, and
+the guard stays on the VM for the whole run, while a worker that execs into the flow's
+environment would pay it twice (once to learn which environment, once inside it). These
+calls are plain JSON, so they are made with httpx (Prefect's own HTTP library); Prefect
+is imported once, in the interpreter that runs the flow.
 """
 
 from __future__ import annotations
@@ -16,23 +17,25 @@ import logging
 import os
 import socket
 import ssl
-import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
+from runner.ending import FINAL_STATES
 from runner.errors import ApiUnreachable, CodeLoadError, ConfigError, FlowRunNotFound, NotExecuted
 from runner.redaction import mask
+from runner.retry import Backoff, retry
 from runner.storage import redact
 
 log = logging.getLogger("runner")
 
-# Prefect's client retries these statuses too: the API is up but busy or restarting.
-_RETRY_STATUSES = {429, 502, 503, 504}
-_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
-_NOT_AGAIN = _FINAL | {"RUNNING", "PAUSED", "CANCELLING"}
+# Worth asking again: the API is up but busy, restarting, or behind a proxy that lost it.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_NOT_AGAIN = FINAL_STATES | {"RUNNING", "PAUSED", "CANCELLING"}
+# Between two tries while the API does not answer: 0.5 s, doubling up to 5 s.
+_BACKOFF = Backoff(first=0.5, most=5.0)
 # The message of the Pending state a runner's claim sets: another runner given the same
 # run (a duplicate delivery, a VM that rebooted) sees it and does not execute the run.
 CLAIM_MESSAGE = "claimed by prefect-vm-runner"
@@ -104,16 +107,26 @@ def _resolved() -> tuple[str, str | None, str | None]:
     return url, key, auth
 
 
-class BootstrapApi:
-    """The flow run as plain JSON: read it, claim it, read its deployment, log to it."""
+class ApiBusy(ApiUnreachable):
+    """No answer, or an answer worth asking again for (``RETRY_STATUSES``); ``problem``
+    says which, in a word."""
 
-    def __init__(self, flow_run_id: uuid.UUID, *, api_wait: float) -> None:
-        self.flow_run_id = flow_run_id
-        self._http = api_client(timeout=httpx.Timeout(30.0, connect=10.0))
-        self._url = redact(str(self._http.base_url).rstrip("/"))
+    def __init__(self, message: str, *, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
+class PrefectRest:
+    """One HTTP client for the Prefect API. ``request`` retries what is worth retrying for
+    up to ``api_wait`` s and maps every failure to the runner's errors in one place: a
+    refused key is a configuration error (exit 2), anything else infrastructure (exit 3)."""
+
+    def __init__(self, *, api_wait: float = 0.0, timeout: httpx.Timeout | None = None) -> None:
+        self._http = api_client(timeout=timeout or httpx.Timeout(30.0, connect=10.0))
+        self.url = redact(str(self._http.base_url).rstrip("/"))
         self._api_wait = api_wait
 
-    def __enter__(self) -> BootstrapApi:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -122,16 +135,114 @@ class BootstrapApi:
     def close(self) -> None:
         self._http.close()
 
-    def read_flow_run(self) -> dict[str, Any]:
+    @property
+    def http(self) -> httpx.Client:
+        """The client itself, for calls this module does not make (doctor's automations)."""
+        return self._http
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        doing: str,
+        *,
+        retry_busy: bool = True,
+        answers: tuple[int, ...] = (),
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """A 2xx response, or one whose status is in ``answers`` (a 404 the caller names);
+        raises ``ApiBusy`` (retried first, with ``retry_busy``, for up to ``api_wait`` s),
+        ``ConfigError`` or ``ApiUnreachable``."""
+
+        def once() -> httpx.Response:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise ApiBusy(
+                    f"Prefect API at {self.url} unreachable while {doing}: {exc}",
+                    problem=type(exc).__name__,
+                ) from exc
+            if response.status_code in answers:
+                return response
+            self._check(response, doing)
+            return response
+
+        if not retry_busy:
+            return once()
+
+        def say(exc: Exception, _tries: int, _wait: float) -> None:
+            problem = exc.problem if isinstance(exc, ApiBusy) else exc
+            log.info("Prefect API at %s not reachable yet (%s); retrying", self.url, problem)
+
+        try:
+            return retry(
+                once, on=ApiBusy, backoff=_BACKOFF, seconds=self._api_wait, before_retry=say
+            )
+        except ApiBusy as exc:
+            raise ApiBusy(
+                f"Prefect API at {self.url} unreachable for {self._api_wait:g}s "
+                f"({exc.problem}); check PREFECT_API_URL and the network, or raise --api-wait",
+                problem=exc.problem,
+            ) from exc
+
+    def _check(self, response: httpx.Response, doing: str) -> None:
+        """The one mapping of an answer to the runner's errors."""
+        code = response.status_code
+        if code in (401, 403):
+            raise ConfigError(
+                f"Prefect API at {self.url} refused the request while {doing} (HTTP "
+                f"{code}); check PREFECT_API_KEY and its access to this workspace"
+            )
+        if code in RETRY_STATUSES:
+            raise ApiBusy(
+                f"Prefect API at {self.url} failed while {doing} (HTTP {code})",
+                problem=f"HTTP {code}",
+            )
+        if code >= 400:
+            raise ApiUnreachable(f"Prefect API at {self.url} failed while {doing} (HTTP {code})")
+
+    def post_events(self, events: list[dict[str, Any]]) -> bool:
+        """``POST /events``, once; False where the API has none (404/405: then Prefect's own
+        events client must send them)."""
+        response = self.request(
+            "POST", "events", "sending events", json=events, retry_busy=False, answers=(404, 405)
+        )
+        return response.is_success
+
+    def create_artifact(self, body: dict[str, Any]) -> None:
+        """``POST /artifacts/``, once."""
+        self.request("POST", "artifacts/", "writing the artifact", json=body, retry_busy=False)
+
+
+class RunApi(PrefectRest):
+    """One flow run as plain JSON: read it, claim it, reschedule it, force its final state,
+    read its deployment, log to it."""
+
+    def __init__(
+        self, flow_run_id: uuid.UUID, *, api_wait: float, timeout: httpx.Timeout | None = None
+    ) -> None:
+        super().__init__(api_wait=api_wait, timeout=timeout)
+        self.flow_run_id = flow_run_id
+
+    def read_flow_run(self, *, retry_busy: bool = True) -> dict[str, Any]:
         """Read the run, retrying with backoff while the API does not answer (or is busy)."""
-        response = self._request("GET", f"flow_runs/{self.flow_run_id}", "reading the flow run")
+        response = self.request(
+            "GET",
+            f"flow_runs/{self.flow_run_id}",
+            "reading the flow run",
+            retry_busy=retry_busy,
+            answers=(404,),
+        )
         if response.status_code == 404:
             raise FlowRunNotFound(
                 f"flow run {self.flow_run_id} does not exist in the Prefect API at "
-                f"{self._url}; check the id and PREFECT_API_URL (workspace)"
+                f"{self.url}; check the id and PREFECT_API_URL (workspace)"
             )
-        self._check(response, "reading the flow run")
         return response.json()
+
+    def state(self, *, retry_busy: bool = True) -> dict[str, Any]:
+        """The run's state as the API has it ({} for none)."""
+        return self.read_flow_run(retry_busy=retry_busy).get("state") or {}
 
     def claim(self) -> dict[str, Any]:
         """Make the run this runner's: propose Pending, as Prefect workers do (the server
@@ -142,7 +253,7 @@ class BootstrapApi:
         flow_run = self.read_flow_run()
         state = flow_run.get("state") or {}
         if state.get("type") == "PENDING":
-            if (state.get("message") or "").startswith(CLAIM_MESSAGE):
+            if claimed_by_a_runner(state):
                 raise NotExecuted(
                     f"flow run {self.flow_run_id} is already {state['message']}; "
                     "not executing it again"
@@ -158,16 +269,10 @@ class BootstrapApi:
                 "not executing it again"
             )
         claim = f"{CLAIM_MESSAGE} on {socket.gethostname()} (pid {os.getpid()})"
-        body = {"state": {"type": "PENDING", "name": "Pending", "message": claim}, "force": False}
-        response = self._request(
-            "POST",
-            f"flow_runs/{self.flow_run_id}/set_state",
-            "claiming the run",
-            json=body,
-            retry=False,
-        )
-        self._check(response, "claiming the run")
-        result = response.json()
+        state = {"type": "PENDING", "name": "Pending", "message": claim}
+        # Never sent twice: a claim the server took whose answer was lost would, sent
+        # again, find the run claimed and not run it.
+        result = self._set_state(state, force=False, doing="claiming the run", retry_busy=False)
         if result.get("status") != "ACCEPT":
             reason = (result.get("details") or {}).get("reason") or result.get("status")
             raise NotExecuted(f"flow run {self.flow_run_id} could not be claimed: {reason}")
@@ -182,31 +287,56 @@ class BootstrapApi:
         ``message`` to its logs. The proposal comes first: it is the one request a
         preempted VM may be short of time for."""
         now = datetime.now(timezone.utc)
-        state = {"type": "SCHEDULED", "name": "AwaitingRetry", "message": mask(message)}
-        body = {
-            "state": {**state, "state_details": {"scheduled_time": now.isoformat()}},
-            "force": False,
+        state = {
+            "type": "SCHEDULED",
+            "name": "AwaitingRetry",
+            "message": mask(message),
+            "state_details": {"scheduled_time": now.isoformat()},
         }
-        path = f"flow_runs/{self.flow_run_id}"
-        response = self._request("POST", f"{path}/set_state", "rescheduling", json=body)
-        self._check(response, "rescheduling the run")
-        if response.json().get("status") != "ACCEPT":
+        if self._set_state(state, force=False, doing="rescheduling the run")["status"] != "ACCEPT":
             return False
         flow_run = self.read_flow_run()
         policy = flow_run.get("empirical_policy") or {}
         spent = int(flow_run.get("run_count") or 0) - run_count_at_claim
         if spent > 0 and policy.get("retries") is not None:
             patch = {"empirical_policy": {**policy, "retries": policy["retries"] + spent}}
-            response = self._request("PATCH", path, "giving back retries", json=patch)
-            self._check(response, "giving back the run's retries")
+            self.request(
+                "PATCH",
+                f"flow_runs/{self.flow_run_id}",
+                "giving back the run's retries",
+                json=patch,
+            )
         self.log([(logging.WARNING, message, now)])
         return True
 
+    def crash(self, message: str) -> None:
+        """Mark the run Crashed with ``message`` and say so in its logs. Forced: the
+        worker that would have moved it on is gone, and orchestration rules must not
+        keep the run Pending or Running for ever. Callers check it is not final."""
+        self._force("CRASHED", "Crashed", message, "reporting the crash", logging.ERROR)
+
+    def cancel(self, message: str) -> None:
+        """Mark the run Cancelled (forced, as ``crash``) and say so in its logs."""
+        self._force("CANCELLED", "Cancelled", message, "reporting the cancel", logging.INFO)
+
+    def _force(self, type_: str, name: str, message: str, doing: str, level: int) -> None:
+        state = {"type": type_, "name": name, "message": mask(message)}
+        self._set_state(state, force=True, doing=doing)
+        self.log([(level, message, datetime.now(timezone.utc))])
+
+    def _set_state(
+        self, state: dict[str, Any], *, force: bool, doing: str, retry_busy: bool = True
+    ) -> dict[str, Any]:
+        body = {"state": state, "force": force}
+        path = f"flow_runs/{self.flow_run_id}/set_state"
+        return self.request("POST", path, doing, json=body, retry_busy=retry_busy).json()
+
     def read_deployment(self, deployment_id: str) -> dict[str, Any]:
-        response = self._request("GET", f"deployments/{deployment_id}", "reading the deployment")
+        response = self.request(
+            "GET", f"deployments/{deployment_id}", "reading the deployment", answers=(404,)
+        )
         if response.status_code == 404:
             raise CodeLoadError(f"deployment {deployment_id} of the flow run no longer exists")
-        self._check(response, "reading the deployment")
         return response.json()
 
     def log(self, lines: list[tuple[int, str, datetime]]) -> None:
@@ -225,54 +355,21 @@ class BootstrapApi:
             for level, message, when in lines
         ]
         try:
-            self._check(self._http.post("logs/", json=body), "writing logs")
+            self.request("POST", "logs/", "writing logs", json=body, retry_busy=False)
         except Exception as exc:
             log.warning("could not write %d log line(s) to Prefect: %s", len(lines), exc)
 
-    def _request(
-        self, method: str, path: str, doing: str, *, retry: bool = True, **kwargs: Any
-    ) -> httpx.Response:
-        deadline = time.monotonic() + self._api_wait
-        delay = 0.5
-        while True:
-            try:
-                response = self._http.request(method, path, **kwargs)
-                if not (retry and response.status_code in _RETRY_STATUSES):
-                    return response
-                problem = f"HTTP {response.status_code}"
-            except httpx.TransportError as exc:
-                if not retry:
-                    raise ApiUnreachable(
-                        f"Prefect API at {self._url} unreachable while {doing}: {exc}"
-                    ) from exc
-                problem = type(exc).__name__
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ApiUnreachable(
-                    f"Prefect API at {self._url} unreachable for {self._api_wait:g}s "
-                    f"({problem}); check PREFECT_API_URL and the network, or raise --api-wait"
-                )
-            log.info("Prefect API at %s not reachable yet (%s); retrying", self._url, problem)
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 5.0)
 
-    def _check(self, response: httpx.Response, doing: str) -> None:
-        """A refused key is a configuration error; anything else (5xx) is infrastructure."""
-        code = response.status_code
-        if code in (401, 403):
-            raise ConfigError(
-                f"Prefect API at {self._url} refused the request while {doing} (HTTP "
-                f"{code}); check PREFECT_API_KEY and its access to this workspace"
-            )
-        if code >= 400:
-            raise ApiUnreachable(f"Prefect API at {self._url} failed while {doing} (HTTP {code})")
+def claimed_by_a_runner(state: dict[str, Any]) -> bool:
+    """A Pending state that a runner's claim set (not a Prefect worker's submission)."""
+    return state.get("type") == "PENDING" and (state.get("message") or "").startswith(CLAIM_MESSAGE)
 
 
 class RunLog:
     """The worker's lines before Prefect's logging exists: to stderr now, and to the run's
     logs in Prefect at each ``flush`` (one request per phase, not one per line)."""
 
-    def __init__(self, api: BootstrapApi) -> None:
+    def __init__(self, api: RunApi) -> None:
         self._api = api
         self._pending: list[tuple[int, str, datetime]] = []
 
