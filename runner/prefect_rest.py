@@ -135,11 +135,6 @@ class PrefectRest:
     def close(self) -> None:
         self._http.close()
 
-    @property
-    def http(self) -> httpx.Client:
-        """The client itself, for calls this module does not make (doctor's automations)."""
-        return self._http
-
     def request(
         self,
         method: str,
@@ -199,7 +194,9 @@ class PrefectRest:
                 problem=f"HTTP {code}",
             )
         if code >= 400:
-            raise ApiUnreachable(f"Prefect API at {self.url} failed while {doing} (HTTP {code})")
+            raise ApiUnreachable(
+                f"Prefect API at {self.url} failed while {doing} (HTTP {code}){_detail(response)}"
+            )
 
     def post_events(self, events: list[dict[str, Any]]) -> bool:
         """``POST /events``, once; False where the API has none (404/405: then Prefect's own
@@ -212,6 +209,15 @@ class PrefectRest:
     def create_artifact(self, body: dict[str, Any]) -> None:
         """``POST /artifacts/``, once."""
         self.request("POST", "artifacts/", "writing the artifact", json=body, retry_busy=False)
+
+
+def _detail(response: httpx.Response) -> str:
+    """What the server said was wrong (its JSON ``detail``, cut short), for a 4xx."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {mask(str(detail))[:200]}" if detail else ""
 
 
 class RunApi(PrefectRest):

@@ -3,9 +3,10 @@ guard's heartbeats stop without the ``runner.phase.teardown`` that ends a clean 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    from runner.prefect_rest import PrefectRest
 
 NAME = "prefect-vm-runner: crash flow runs whose VM went silent"
 MISSED_HEARTBEATS = 3
@@ -51,20 +52,21 @@ def automation(*, heartbeat_seconds: float, missed: int = MISSED_HEARTBEATS) -> 
     }
 
 
-def installed(http: httpx.Client) -> list[dict[str, Any]]:
+def installed(api: PrefectRest) -> list[dict[str, Any]]:
     """Automations of this name in the workspace."""
-    response = http.post("automations/filter", json={"limit": 200})
-    response.raise_for_status()
+    response = api.request(
+        "POST", "automations/filter", "listing automations", json={"limit": 200}, retry_busy=False
+    )
     return [found for found in response.json() if found.get("name") == NAME]
 
 
-def install(http: httpx.Client, wanted: dict[str, Any]) -> tuple[str, bool]:
+def install(api: PrefectRest, wanted: dict[str, Any]) -> tuple[str, bool]:
     """Create the automation, or update the one already there; (id, created)."""
-    present = installed(http)
+    present = installed(api)
+    doing = "installing the zombie automation"
     if present:
         automation_id = present[0]["id"]
-        http.put(f"automations/{automation_id}", json=wanted).raise_for_status()
+        api.request("PUT", f"automations/{automation_id}", doing, json=wanted, retry_busy=False)
         return automation_id, False
-    response = http.post("automations/", json=wanted)
-    response.raise_for_status()
+    response = api.request("POST", "automations/", doing, json=wanted, retry_busy=False)
     return response.json()["id"], True
