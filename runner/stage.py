@@ -133,6 +133,9 @@ def run(stage: Stage, channel: Sender) -> int:
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "7")
     for asked in ENGINE_INTENTS:
         signal.signal(asked, _stop_with_intent)
+    # The engine now, not at its first use: importing it configures Prefect's logging,
+    # whose handlers the mask wraps just below (a flow's log lines go through them).
+    import prefect.flow_engine  # noqa: F401
     from prefect.client.schemas.objects import FlowRun
     from prefect.client.schemas.responses import DeploymentResponse
     from prefect.logging.loggers import flow_run_logger
