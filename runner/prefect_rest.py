@@ -1,6 +1,6 @@
 """The runner's calls to the Prefect REST API, all of them: claim, read, propose and force
-states, reschedule, logs, events, artifacts and the cancel poll; one error mapping and one
-list of final states.
+states, reschedule, logs, events, artifacts and the cancel poll, with one error mapping
+(what a final state is, is runner/ending.py's).
 
 Why not Prefect's client: ``import prefect`` costs over a second and tens of MB, and
 the guard stays on the VM for the whole run, while a worker that execs into the flow's
@@ -54,7 +54,7 @@ def connection() -> tuple[str, dict[str, str]]:
     return url.rstrip("/"), headers
 
 
-def api_client(*, timeout: httpx.Timeout) -> httpx.Client:
+def _api_client(*, timeout: httpx.Timeout) -> httpx.Client:
     """An HTTP client for the Prefect API (its URL and auth headers). The clients share one
     TLS context: each of its own would load the CA bundle again, 0.8 MB apiece in a guard
     that stays on the VM for the whole run (and 20 ms to set up)."""
@@ -122,7 +122,7 @@ class PrefectRest:
     refused key is a configuration error (exit 2), anything else infrastructure (exit 3)."""
 
     def __init__(self, *, api_wait: float = 0.0, timeout: httpx.Timeout | None = None) -> None:
-        self._http = api_client(timeout=timeout or httpx.Timeout(30.0, connect=10.0))
+        self._http = _api_client(timeout=timeout or httpx.Timeout(30.0, connect=10.0))
         self.url = redact(str(self._http.base_url).rstrip("/"))
         self._api_wait = api_wait
 
