@@ -131,6 +131,10 @@ def run(stage: Stage, channel: Sender) -> int:
     # retries last about a minute, after which a finished flow would end Crashed and
     # logs be dropped; 7 last about four. Read when Prefect is imported, just below.
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "7")
+    # And a 500, which Prefect's client does not retry by default (429, 502, 503 only):
+    # a loaded server answers one now and then, and the run's own calls must not die of it
+    # (the runner's REST calls retry it too: runner/prefect_rest.py).
+    os.environ.setdefault("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500")
     for asked in ENGINE_INTENTS:
         signal.signal(asked, _stop_with_intent)
     # The engine now, not at its first use: importing it configures Prefect's logging,

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.fault_proxy import FaultProxy, Request
 from devtools.prefect_server import PrefectServer
 from tests.conftest import FLOWS_DIR, Runner
 from tests.helpers import read_events
@@ -150,3 +151,33 @@ def test_api_down_for_longer_than_api_wait_is_exit_3_and_leaves_the_run_unclaime
     # Back up: the run was never claimed, so another VM can still take it.
     state = httpx.get(f"{server.api_url}/flow_runs/{run_id}", timeout=10).json()["state"]
     assert state["type"] == "SCHEDULED", state
+
+
+def test_a_500_to_prefects_client_as_it_loads_the_flow_is_asked_again(
+    server: PrefectServer, tmp_path
+):
+    """A loaded server's transient 500 to Prefect's own client, as it reads the deployment to
+    load the flow's code, costs the run nothing: the client asks again (a fleet of 50
+    runners lost a run to exactly this)."""
+    run_id = _deployed_run(server, "hello", n=2)
+    runner = Runner(server, tmp_path)
+
+    def prefects_deployment_read(request: Request) -> bool:
+        return (
+            request.method == "GET"
+            and "/deployments/" in request.path
+            and request.headers.get("user-agent", "").startswith("prefect/")
+        )
+
+    with FaultProxy(server.url) as proxy:
+        proxy.answer(
+            prefects_deployment_read, 500, b'{"exception_message": "Internal Server Error"}',
+            content_type="application/json", times=2,
+        )  # fmt: skip
+        result = runner.run("--flow-run-id", str(run_id), PREFECT_API_URL=f"{proxy.url}/api")
+        reads = [r for r in proxy.requests if prefects_deployment_read(r)]
+
+    assert result.returncode == 0, result.stderr
+    assert len(reads) == 3  # two answered 500, the third went through
+    state = httpx.get(f"{server.api_url}/flow_runs/{run_id}", timeout=10).json()["state"]
+    assert state["type"] == "COMPLETED", state
