@@ -21,7 +21,6 @@ from runner.ending import may_reschedule, reschedules_at_stop
 from runner.prefect_rest import RunApi
 from runner.settings import Settings
 from runner.telemetry.reporter import RunTelemetry
-from runner.vm.clouds import CLOUDS
 from runner.vm.metadata import cloud_from_dmi
 from runner.vm.spot import SpotWatch
 
@@ -141,8 +140,7 @@ class Supervisor:
         cloud = self._settings.cloud
         if cloud == "auto":
             cloud = cloud_from_dmi()  # a file read; off-cloud it says "none"
-        if cloud not in CLOUDS or self._settings.spot_poll_seconds <= 0:
-            return
+        # Off a known cloud, or with polling off, start() does nothing.
         watch = SpotWatch(
             cloud,
             self._settings.metadata_urls(),
