@@ -41,7 +41,7 @@ demo-vm: system-deps install
 	$(PY) -m devtools.demo_vm
 
 # Debian packages for the tests (packer, shellcheck, systemd, podman, runc, skopeo,
-# docker-registry, mmdebstrap), installed when missing; under 2 s when all are there.
+# docker-registry, mmdebstrap, postgresql), installed when missing; under 2 s when all are there.
 .PHONY: system-deps
 system-deps:
 	@$(SYSTEM_DEPS) test
@@ -111,6 +111,8 @@ bench: install
 	$(PY) -m bench.lifecycle
 	$(PY) -m bench.launch
 	$(PY) -m bench.launch_aws
+	$(PY) -m bench.fleet
+	$(PY) -m bench.fleet_sim
 
 lint: install
 	$(VENV)/bin/ruff check runner tests bench devtools examples

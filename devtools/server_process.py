@@ -35,6 +35,7 @@ class ServerProcess:
 
     name = "server"
     health_path = "/"
+    stop_signal = signal.SIGTERM
 
     def __init__(self, *, start_timeout: float = 60.0, directory: Path | None = None) -> None:
         self.port = free_port()
@@ -92,16 +93,27 @@ class ServerProcess:
                     f"{self.name} exited early with code {self._proc.returncode}:\n"
                     f"{self.log_tail()}"
                 )
-            try:
-                httpx.get(self.url + self.health_path, timeout=2)
+            if self.ready():
                 return
-            except httpx.TransportError:
-                time.sleep(0.1)
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(
             f"{self.name} not answering on {self.url} after {self._start_timeout}s:\n"
             f"{self.log_tail()}"
         )
+
+    @property
+    def pid(self) -> int | None:
+        """The server process's pid (for its CPU time), while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def ready(self) -> bool:
+        """Whether the started process serves yet: its ``health_path`` answers HTTP."""
+        try:
+            httpx.get(self.url + self.health_path, timeout=2)
+        except httpx.TransportError:
+            return False
+        return True
 
     def log_tail(self) -> str:
         try:
@@ -113,7 +125,7 @@ class ServerProcess:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, self.stop_signal)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -38,6 +38,12 @@ test)
     need skopeo skopeo                   # pushes test images to the local registry
     need docker-registry docker-registry # the local registry
     need mmdebstrap mmdebstrap           # the Debian rootfs of the test images
+    # The fleet test's and bench's Prefect server runs on PostgreSQL (SQLite does not hold
+    # a fleet); Debian keeps its binaries off PATH, in /usr/lib/postgresql/<version>/bin.
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        missing="${missing:+$missing }postgresql"
+        tools="${tools:+$tools, }PostgreSQL"
+    fi
     # `python3 -m venv` with pip (bench/env's baseline, tests/unit/test_wheel_index.py):
     # Debian ships ensurepip apart, in python3-venv.
     if ! python3 -m ensurepip --version >/dev/null 2>&1; then

@@ -1,6 +1,12 @@
 """Notice that the flow run was asked to cancel: Prefect's events websocket tells at once,
 and a poll of the run's state is the fallback; ``on_cancel`` is called once, from a thread,
-so the guard's own loop never waits on the network."""
+so the guard's own loop never waits on the network.
+
+While the websocket is subscribed the poll slows down to one in ``_POLL_SLOWDOWN``: the
+websocket already tells within a second, and on a fleet the poll was the runner's most
+frequent request (6 a minute per VM, bench/fleet.py). It still runs, rarely, in case the
+server's events stall while the socket stays open; once the socket drops it is back to
+every ``poll_seconds``."""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ log = logging.getLogger("runner")
 CANCELLING = "prefect.flow-run.Cancelling"
 # Between two tries to open the websocket: 1 s, doubling up to 30 s (the poll goes on).
 _RECONNECT = Backoff(first=1.0, most=30.0)
+# While the websocket is subscribed, one poll in this many (one a minute at the default 10 s).
+_POLL_SLOWDOWN = 6
 
 
 class CancelWatch:
@@ -36,6 +44,7 @@ class CancelWatch:
         self._fired = False
         self._lock = threading.Lock()
         self._socket: object | None = None  # the open websocket, closed by stop()
+        self._subscribed = threading.Event()  # the websocket is listening for the cancel
         self._threads = [
             threading.Thread(target=self._listen, name="runner-cancel-events", daemon=True),
             threading.Thread(target=self._poll, name="runner-cancel-poll", daemon=True),
@@ -95,6 +104,7 @@ class CancelWatch:
                         log.info("events websocket refused the subscription: %s", reply)
                         return  # polling carries on
                     socket.send(json.dumps(subscription))
+                    self._subscribed.set()
                     delays = _RECONNECT.delays()  # connected: the next drop starts over
                     for message in socket:
                         data = json.loads(message)
@@ -106,6 +116,7 @@ class CancelWatch:
                     return
                 log.debug("events websocket: %s; reconnecting", exc)
             finally:
+                self._subscribed.clear()
                 with self._lock:
                     self._socket = None
             self._stopping.wait(next(delays))
@@ -114,8 +125,13 @@ class CancelWatch:
         if self._poll_seconds <= 0:
             return
         timeout = httpx.Timeout(min(10.0, self._poll_seconds), connect=5.0)
+        skipped = 0
         with RunApi(self._flow_run_id, api_wait=0, timeout=timeout) as api:
             while not self._stopping.wait(self._poll_seconds):
+                if self._subscribed.is_set() and skipped < _POLL_SLOWDOWN - 1:
+                    skipped += 1
+                    continue
+                skipped = 0
                 try:
                     state = api.state(retry_busy=False).get("type")
                 except Exception as exc:  # the API is down for a while: ask again later

@@ -172,7 +172,8 @@ class Settings(BaseSettings):
         default=10.0,
         ge=0,
         description="Seconds between polls of the flow run's state for a cancel request; "
-        "Prefect's events websocket tells at once, the poll is its fallback. 0: no poll.",
+        "Prefect's events websocket tells at once, the poll is its fallback: while the "
+        "websocket is subscribed it polls 6 times less often. 0: no poll.",
     )
     heartbeat_seconds: float = Field(
         default=30.0,

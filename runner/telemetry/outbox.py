@@ -32,14 +32,23 @@ class Outbox(Generic[T]):
     ``deliver(items)`` sends a prefix of ``items`` (one request) and returns how many it
     is done with (sent, or refused for good: at least one); it raises ``Transient`` to
     have them tried again later. Past ``capacity`` kept items the oldest are dropped: a
-    long outage must not grow the guard without bound (each event is about 1 KiB)."""
+    long outage must not grow the guard without bound (each event is about 1 KiB).
+
+    An item waits ``linger`` seconds for others before it is sent, so that what falls due
+    together (a heartbeat and a metrics sample) goes in one request."""
 
     def __init__(
-        self, deliver: Callable[[list[T]], int], *, capacity: int, batch: int = 200
+        self,
+        deliver: Callable[[list[T]], int],
+        *,
+        capacity: int,
+        batch: int = 200,
+        linger: float = 0.0,
     ) -> None:
         self._deliver = deliver
         self._capacity = capacity
         self._batch = batch
+        self._linger = linger
         self._items: deque[T] = deque()
         self._ready = threading.Condition()
         self._closing = False
@@ -96,6 +105,8 @@ class Outbox(Generic[T]):
             with self._ready:
                 while not self._items and not self._closing:
                     self._ready.wait()
+                if self._linger and not self._closing:
+                    self._ready.wait_for(lambda: self._closing, timeout=self._linger)
                 if not self._items or self._abandoned:
                     return
                 # Taken out while in flight, so that dropping the oldest meanwhile cannot
