@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from contextlib import suppress
+from dataclasses import replace
 
 from runner import logs, redaction, worker
 from runner.channel import Claimed, Container, Error, Finished, Inbox, Sender
@@ -28,7 +29,7 @@ from runner.errors import (
     RunnerError,
     internal_error_line,
 )
-from runner.prefect_rest import RunApi, claimed_by_a_runner, connection
+from runner.prefect_rest import CLAIMING, RunApi, claim_message, claimed_by_a_runner, connection
 from runner.settings import Settings
 from runner.supervisor import FORWARDED, REPORT_API_WAIT, Supervisor, reschedule_late
 from runner.telemetry.reporter import RunTelemetry
@@ -187,7 +188,13 @@ def _fork_and_supervise(
         os.close(inbox_fd)
     _remove_orphan_container(inbox, ended)
     return _conclude(
-        settings, flow_run_id, inbox, ended, telemetry, rescheduled=supervisor.rescheduled
+        settings,
+        flow_run_id,
+        inbox,
+        ended,
+        telemetry,
+        rescheduled=supervisor.rescheduled,
+        worker_pid=pid,
     )
 
 
@@ -199,6 +206,7 @@ def _conclude(
     telemetry: RunTelemetry,
     *,
     rescheduled: bool,
+    worker_pid: int,
 ) -> ExitCode:
     """Carry out how the run ends (runner/ending.py): propose its state where the worker
     did not, so that a run this runner claimed never stays Pending or Running in
@@ -219,6 +227,9 @@ def _conclude(
             ending = ending.refused()
     if ending.propose in (CANCEL, CRASH):
         ending = _report(settings, flow_run_id, ending)
+    error = inbox.last(Error)
+    if claimed is None and error is not None and CLAIMING in error.message:
+        ending = _give_back_unheard_claim(settings, flow_run_id, ending, worker_pid)
     if ended.stop is not None and ended.stop.reason == "preemption":
         telemetry.event(
             "runner.preempted",
@@ -243,6 +254,31 @@ def _report(settings: Settings, flow_run_id: uuid.UUID, ending: Ending) -> Endin
                 api.crash(ending.message)
     except Exception as exc:  # the API is the last thing that can fail; still tear down
         log.error("could not report to Prefect that the run %s: %s", ending.outcome, exc)
+    return ending
+
+
+def _give_back_unheard_claim(
+    settings: Settings, flow_run_id: uuid.UUID, ending: Ending, worker_pid: int
+) -> Ending:
+    """The worker's claim failed for an API that answered 5xx or not at all: the server
+    may still have applied one of its tries, which would leave the run Pending, claimed
+    by a runner that is gone, for good. If so, it is rescheduled (AwaitingRetry) for
+    another machine; the flow never started. Best effort, and quiet: the worker's line
+    is the error."""
+    try:
+        with RunApi(flow_run_id, api_wait=min(settings.api_wait, REPORT_API_WAIT)) as api:
+            flow_run = api.read_flow_run()
+            state = flow_run.get("state") or {}
+            if state.get("type") != "PENDING" or state.get("message") != claim_message(worker_pid):
+                return ending
+            run_count = int(flow_run.get("run_count") or 0)
+            if api.reschedule(
+                f"{ending.message}; its claim went in unheard, so it is given back",
+                run_count_at_claim=run_count,
+            ):
+                return replace(ending, message=f"{ending.message}; rescheduled (AwaitingRetry)")
+    except Exception as exc:
+        log.warning("could not check whether the run was left claimed: %s", exc)
     return ending
 
 

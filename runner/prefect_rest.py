@@ -18,18 +18,29 @@ import os
 import socket
 import ssl
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 
+from runner import __version__
 from runner.ending import FINAL_STATES
-from runner.errors import ApiUnreachable, CodeLoadError, ConfigError, FlowRunNotFound, NotExecuted
+from runner.errors import (
+    ApiUnreachable,
+    CodeLoadError,
+    ConfigError,
+    ExitCode,
+    FlowRunNotFound,
+    NotExecuted,
+)
 from runner.redaction import mask
 from runner.retry import Backoff, retry
 from runner.storage import redact
 
 log = logging.getLogger("runner")
+
+T = TypeVar("T")
 
 # Worth asking again: the API is up but busy, restarting, or behind a proxy that lost it.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -39,6 +50,15 @@ _BACKOFF = Backoff(first=0.5, most=5.0)
 # The message of the Pending state a runner's claim sets: another runner given the same
 # run (a duplicate delivery, a VM that rebooted) sees it and does not execute the run.
 CLAIM_MESSAGE = "claimed by prefect-vm-runner"
+# What a claim's errors say it was doing (the guard looks for it: runner/guard.py).
+CLAIMING = "claiming the run"
+# Tells the server's operator (its access log, a proxy) which requests are a runner's.
+USER_AGENT = f"prefect-vm-runner/{__version__}"
+
+
+def claim_message(pid: int) -> str:
+    """The message of the Pending state that the worker ``pid`` on this machine claims with."""
+    return f"{CLAIM_MESSAGE} on {socket.gethostname()} (pid {pid})"
 
 
 def connection() -> tuple[str, dict[str, str]]:
@@ -59,7 +79,12 @@ def _api_client(*, timeout: httpx.Timeout) -> httpx.Client:
     TLS context: each of its own would load the CA bundle again, 0.8 MB apiece in a guard
     that stays on the VM for the whole run (and 20 ms to set up)."""
     url, headers = connection()
-    return httpx.Client(base_url=url + "/", headers=headers, timeout=timeout, verify=_tls_context())
+    return httpx.Client(
+        base_url=url + "/",
+        headers={**headers, "User-Agent": USER_AGENT},
+        timeout=timeout,
+        verify=_tls_context(),
+    )
 
 
 @functools.cache
@@ -109,11 +134,27 @@ def _resolved() -> tuple[str, str | None, str | None]:
 
 class ApiBusy(ApiUnreachable):
     """No answer, or an answer worth asking again for (``RETRY_STATUSES``); ``problem``
-    says which, in a word."""
+    says which, in a word ("HTTP 500", "ReadTimeout"), and ``endpoint`` to what
+    ("POST /flow_runs/<id>/set_state")."""
 
-    def __init__(self, message: str, *, problem: str) -> None:
+    def __init__(self, message: str, *, problem: str, endpoint: str = "") -> None:
         super().__init__(message)
         self.problem = problem
+        self.endpoint = endpoint
+
+    @property
+    def outcome(self) -> str:
+        """What the endpoint did, for a line: "answered HTTP 500", "got no answer (...)"."""
+        if self.problem.startswith("HTTP "):
+            return f"answered {self.problem}"
+        return f"got no answer ({self.problem})"
+
+
+class ApiLost(ApiBusy):
+    """The API failed Prefect's own client, in the flow stage, past its retries: after the
+    flow started the run ends ``Crashed`` (exit 5), as for any worker that dies then."""
+
+    exit_code = ExitCode.CRASHED
 
 
 class PrefectRest:
@@ -142,60 +183,74 @@ class PrefectRest:
         doing: str,
         *,
         retry_busy: bool = True,
+        wait: float | None = None,
         answers: tuple[int, ...] = (),
         **kwargs: Any,
     ) -> httpx.Response:
         """A 2xx response, or one whose status is in ``answers`` (a 404 the caller names);
-        raises ``ApiBusy`` (retried first, with ``retry_busy``, for up to ``api_wait`` s),
-        ``ConfigError`` or ``ApiUnreachable``."""
+        raises ``ApiBusy`` (retried first, with ``retry_busy``, for up to ``wait`` s, by
+        default ``api_wait``), ``ConfigError`` or ``ApiUnreachable``. Every message names
+        the endpoint (``POST /flow_runs/<id>/set_state``) and what it answered."""
+        endpoint = f"{method} /{path}"
 
         def once() -> httpx.Response:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 raise ApiBusy(
-                    f"Prefect API at {self.url} unreachable while {doing}: {exc}",
+                    mask(
+                        f"Prefect API at {self.url} unreachable while {doing}: {endpoint} "
+                        f"got no answer ({type(exc).__name__}: {exc})"
+                    ),
                     problem=type(exc).__name__,
+                    endpoint=endpoint,
                 ) from exc
             if response.status_code in answers:
                 return response
-            self._check(response, doing)
+            self._check(response, doing, endpoint)
             return response
 
         if not retry_busy:
             return once()
+        return self.retrying(once, doing, wait=wait)
+
+    def retrying(self, call: Callable[[], T], doing: str, *, wait: float | None = None) -> T:
+        """``call()``, tried again on ``ApiBusy`` with backoff for up to ``wait`` s
+        (``api_wait`` by default); then one ``ApiBusy`` line that names the budget, the
+        endpoint and its last answer."""
+        budget = self._api_wait if wait is None else max(0.0, wait)
 
         def say(exc: Exception, _tries: int, _wait: float) -> None:
-            problem = exc.problem if isinstance(exc, ApiBusy) else exc
-            log.info("Prefect API at %s not reachable yet (%s); retrying", self.url, problem)
+            what = f"{exc.endpoint} {exc.outcome}" if isinstance(exc, ApiBusy) else exc
+            log.info("Prefect API at %s: %s while %s; retrying", self.url, what, doing)
 
         try:
-            return retry(
-                once, on=ApiBusy, backoff=_BACKOFF, seconds=self._api_wait, before_retry=say
-            )
+            return retry(call, on=ApiBusy, backoff=_BACKOFF, seconds=budget, before_retry=say)
         except ApiBusy as exc:
             raise ApiBusy(
-                f"Prefect API at {self.url} unreachable for {self._api_wait:g}s "
-                f"({exc.problem}); check PREFECT_API_URL and the network, or raise --api-wait",
+                gave_up_line(self.url, budget, doing, exc.endpoint, exc.outcome),
                 problem=exc.problem,
+                endpoint=exc.endpoint,
             ) from exc
 
-    def _check(self, response: httpx.Response, doing: str) -> None:
+    def _check(self, response: httpx.Response, doing: str, endpoint: str) -> None:
         """The one mapping of an answer to the runner's errors."""
         code = response.status_code
         if code in (401, 403):
             raise ConfigError(
-                f"Prefect API at {self.url} refused the request while {doing} (HTTP "
+                f"Prefect API at {self.url} refused {endpoint} while {doing} (HTTP "
                 f"{code}); check PREFECT_API_KEY and its access to this workspace"
             )
         if code in RETRY_STATUSES:
             raise ApiBusy(
-                f"Prefect API at {self.url} failed while {doing} (HTTP {code})",
+                f"Prefect API at {self.url} failed while {doing}: {endpoint} answered HTTP {code}",
                 problem=f"HTTP {code}",
+                endpoint=endpoint,
             )
         if code >= 400:
             raise ApiUnreachable(
-                f"Prefect API at {self.url} failed while {doing} (HTTP {code}){_detail(response)}"
+                f"Prefect API at {self.url} failed while {doing}: {endpoint} answered "
+                f"HTTP {code}{_detail(response)}"
             )
 
     def post_events(self, events: list[dict[str, Any]]) -> bool:
@@ -218,6 +273,85 @@ def _detail(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         return ""
     return f": {mask(str(detail))[:200]}" if detail else ""
+
+
+def gave_up_line(url: str, seconds: float, doing: str, endpoint: str, outcome: str) -> str:
+    """The one line for an API that kept failing a call past its budget, masked."""
+    return mask(
+        f"Prefect API at {url} unreachable for {seconds:g}s while {doing}: {endpoint} "
+        f"{outcome}; check PREFECT_API_URL and the network, or raise --api-wait"
+    )
+
+
+# Prefect's client waits 2, 4, 8... s between its tries, each cut by its jitter to as
+# little as 0.82 of that (PREFECT_CLIENT_RETRY_JITTER_FACTOR's default 0.2).
+_CLIENT_JITTER_FLOOR = 0.8
+
+
+def prefect_client_retries(api_wait: float) -> int:
+    """How many retries (``PREFECT_CLIENT_MAX_RETRIES``) make Prefect's client keep asking
+    for at least ``api_wait`` s, as the runner's own calls do: 60 s takes 6 (2 + 4 + ... +
+    64 s, about two minutes, never under 60 s), 3 s takes 2."""
+    retries = 0
+    while _CLIENT_JITTER_FLOOR * prefect_client_seconds(retries) < api_wait:
+        retries += 1
+    return retries
+
+
+def prefect_client_seconds(retries: int) -> float:
+    """About how long Prefect's client keeps asking with ``retries`` retries."""
+    return float(2 ** (retries + 1) - 2)
+
+
+def api_failure(
+    exc: BaseException, *, doing: str, seconds: float, error: type[ApiBusy] = ApiLost
+) -> ApiBusy | None:
+    """The Prefect API failure behind ``exc``, an error out of Prefect's client (or what
+    wraps one): a 408/429/5xx, or no answer, to a request to this Prefect API, which the
+    client retried for about ``seconds``; as the runner's one line naming the endpoint,
+    an ``error`` (``ApiLost`` once the flow started, ``ApiBusy`` before). None when
+    ``exc`` is not that (a flow's own error, or another server's)."""
+    url, _ = connection()
+    api = httpx.URL(url)
+    for cause in _causes(exc):
+        if isinstance(cause, httpx.HTTPStatusError):
+            if cause.response.status_code not in RETRY_STATUSES:
+                continue
+            problem = f"HTTP {cause.response.status_code}"
+        elif isinstance(cause, httpx.TransportError):
+            problem = type(cause).__name__
+        else:
+            continue
+        try:
+            request = cause.request
+        except RuntimeError:  # an error raised without its request
+            continue
+        if request.url.host != api.host or request.url.port != api.port:
+            continue  # not the Prefect API (a pull step's git server, a flow's own call)
+        path = request.url.path
+        if path.startswith(api.path.rstrip("/")):
+            path = path[len(api.path.rstrip("/")) :]
+        endpoint = f"{request.method} {path}"
+        busy = ApiBusy("", problem=problem, endpoint=endpoint)
+        line = gave_up_line(redact(url), seconds, doing, endpoint, busy.outcome)
+        return error(line, problem=problem, endpoint=endpoint)
+    return None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, what caused it, and the members of any exception group on the way."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        members = getattr(current, "exceptions", None)  # an exception group
+        if isinstance(members, (list, tuple)):
+            todo.extend(m for m in members if isinstance(m, BaseException))
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return found
 
 
 class RunApi(PrefectRest):
@@ -274,16 +408,70 @@ class RunApi(PrefectRest):
                 f"flow run {self.flow_run_id} is already {state.get('name') or state['type']}; "
                 "not executing it again"
             )
-        claim = f"{CLAIM_MESSAGE} on {socket.gethostname()} (pid {os.getpid()})"
-        state = {"type": "PENDING", "name": "Pending", "message": claim}
-        # Never sent twice: a claim the server took whose answer was lost would, sent
-        # again, find the run claimed and not run it.
-        result = self._set_state(state, force=False, doing="claiming the run", retry_busy=False)
-        if result.get("status") != "ACCEPT":
+        flow_run["state"] = self._propose_claim()
+        return flow_run
+
+    def _propose_claim(self) -> dict[str, Any]:
+        """Propose this runner's Pending and return the state it set, within ``api_wait``.
+
+        A 5xx or a timeout may come after the server applied the claim: sent again
+        blindly, the claim would find the run claimed (by us) and not run it. So the
+        claim carries a transition id, which the server keeps with the state (and a
+        retried proposal with the same id is refused with the state it set:
+        PreventDuplicateTransitions); after a lost answer the run is read back: Pending
+        with our id (or, where a server keeps none, our message) is claimed, still
+        Scheduled is claimed again, anything else was taken by someone else."""
+        claim_id = str(uuid.uuid4())
+        message = claim_message(os.getpid())
+        state = {
+            "type": "PENDING",
+            "name": "Pending",
+            "message": message,
+            "state_details": {"transition_id": claim_id},
+        }
+        lost: list[ApiBusy] = []  # answers lost so far: the claim may be in
+        doing = CLAIMING
+
+        def ours(current: dict[str, Any] | None) -> bool:
+            if not current or current.get("type") != "PENDING":
+                return False
+            kept = (current.get("state_details") or {}).get("transition_id")
+            return kept == claim_id if kept else current.get("message") == message
+
+        def once() -> dict[str, Any]:
+            if lost:  # the last try may have been applied: see what the run is now
+                current = self.state(retry_busy=False)
+                if ours(current):
+                    return current
+                if current.get("type") not in (None, "SCHEDULED"):
+                    raise NotExecuted(self._taken(current))
+            try:
+                result = self._set_state(state, force=False, doing=doing, retry_busy=False)
+            except ApiBusy as exc:
+                lost.append(exc)
+                raise
+            if result.get("status") == "ACCEPT" or ours(result.get("state")):
+                return result["state"]
+            if lost and ours(current := self.state(retry_busy=False)):
+                return current  # a server that keeps no transition id aborts a repeat
             reason = (result.get("details") or {}).get("reason") or result.get("status")
             raise NotExecuted(f"flow run {self.flow_run_id} could not be claimed: {reason}")
-        flow_run["state"] = result["state"]
-        return flow_run
+
+        claimed = self.retrying(once, doing)
+        if lost:
+            log.info(
+                "flow run %s claimed after %d lost answer(s) (%s %s)",
+                self.flow_run_id,
+                len(lost),
+                lost[-1].endpoint,
+                lost[-1].outcome,
+            )
+        return claimed
+
+    def _taken(self, state: dict[str, Any]) -> str:
+        name = state.get("name") or state.get("type")
+        by = f" ({state['message']})" if claimed_by_a_runner(state) else ""
+        return f"flow run {self.flow_run_id} was taken while claiming it: it is {name}{by}"
 
     def reschedule(self, message: str, *, run_count_at_claim: int) -> bool:
         """Propose AwaitingRetry, as Prefect's own supervisor does on SIGTERM: the run is
@@ -299,7 +487,7 @@ class RunApi(PrefectRest):
             "message": mask(message),
             "state_details": {"scheduled_time": now.isoformat()},
         }
-        if self._set_state(state, force=False, doing="rescheduling the run")["status"] != "ACCEPT":
+        if not self._propose(state, doing="rescheduling the run"):
             return False
         flow_run = self.read_flow_run()
         policy = flow_run.get("empirical_policy") or {}
@@ -330,6 +518,18 @@ class RunApi(PrefectRest):
         self._set_state(state, force=True, doing=doing)
         self.log([(level, message, datetime.now(timezone.utc))])
 
+    def _propose(self, state: dict[str, Any], *, doing: str) -> bool:
+        """Propose ``state`` (not forced), retried within ``api_wait``; True once the server
+        holds it. Its transition id makes a retry safe: a proposal the server applied but
+        whose answer was lost is, sent again, refused with the state it set, ours."""
+        transition_id = str(uuid.uuid4())
+        details = {**(state.get("state_details") or {}), "transition_id": transition_id}
+        result = self._set_state({**state, "state_details": details}, force=False, doing=doing)
+        if result.get("status") == "ACCEPT":
+            return True
+        held = (result.get("state") or {}).get("state_details") or {}
+        return held.get("transition_id") == transition_id
+
     def _set_state(
         self, state: dict[str, Any], *, force: bool, doing: str, retry_busy: bool = True
     ) -> dict[str, Any]:
@@ -346,8 +546,10 @@ class RunApi(PrefectRest):
         return response.json()
 
     def log(self, lines: list[tuple[int, str, datetime]]) -> None:
-        """Write lines (level, message, time) to the flow run's logs in Prefect; best
-        effort: a log that cannot be written never stops the run."""
+        """Write lines (level, message, time) to the flow run's logs in Prefect, retried
+        within ``api_wait`` (a line written twice beats one lost: a 5xx may come after the
+        server stored them); best effort: a log that cannot be written never stops the
+        run."""
         if not lines:
             return
         body = [
@@ -361,7 +563,7 @@ class RunApi(PrefectRest):
             for level, message, when in lines
         ]
         try:
-            self.request("POST", "logs/", "writing logs", json=body, retry_busy=False)
+            self.request("POST", "logs/", "writing logs", json=body)
         except Exception as exc:
             log.warning("could not write %d log line(s) to Prefect: %s", len(lines), exc)
 

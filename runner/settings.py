@@ -160,7 +160,9 @@ class Settings(BaseSettings):
         default=60.0,
         ge=0,
         description="Seconds to keep retrying a Prefect API that does not answer, or answers "
-        "408, 429 or 5xx, before giving up (exit code 3).",
+        "408, 429 or 5xx, in each of the runner's calls and (through "
+        "PREFECT_CLIENT_MAX_RETRIES) Prefect's client in the flow stage, before giving up "
+        "(exit code 3; 5 once the flow started).",
     )
     cancel_grace_seconds: float = Field(
         default=30.0,

@@ -8,6 +8,7 @@ Prefect itself; everything it needs from the bootstrap is in the stage file.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -16,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ from typing import Any
 from runner import prefect_compat
 from runner.channel import ENGINE_INTENTS, Error, Finished, Phase, Sender
 from runner.errors import ExitCode, RunnerError, exit_code_for_state
+from runner.prefect_rest import (
+    ApiBusy,
+    ApiLost,
+    api_failure,
+    prefect_client_retries,
+    prefect_client_seconds,
+)
 
 log = logging.getLogger("runner")
 
@@ -40,6 +48,7 @@ class Stage:
     log_level: str
     channel_fd: int  # -1: no guard to tell (a container without a passed descriptor)
     log_file: str | None = None  # the run's log file, which the runner's lines also go to
+    api_wait: float = 60.0  # --api-wait: how long Prefect's client retries the API too
 
     def write(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds run data
@@ -126,15 +135,18 @@ def _stop_with_intent(signum: int, _frame: object) -> None:
 
 def run(stage: Stage, channel: Sender) -> int:
     """Import Prefect, load the flow from the placed code, and run it through the engine."""
-    # Ride out a Prefect API outage: the engine's states and the flow's log batches are
-    # retried by Prefect's client with a doubling backoff (2, 4, 8... s). Its default 5
-    # retries last about a minute, after which a finished flow would end Crashed and
-    # logs be dropped; 7 last about four. Read when Prefect is imported, just below.
-    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "7")
+    # Ride out a Prefect API outage for --api-wait, as the runner's own calls do: the
+    # engine's states, the code load's reads and the flow's log batches are retried by
+    # Prefect's client with a doubling backoff (2, 4, 8... s), as many times as it takes
+    # to cover --api-wait (60 s: 6 retries, about two minutes), after which the run ends
+    # Crashed. Read when Prefect is imported, just below; a value set by the user wins.
+    retries = prefect_client_retries(stage.api_wait)
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", str(retries))
     # And a 500, which Prefect's client does not retry by default (429, 502, 503 only):
     # a loaded server answers one now and then, and the run's own calls must not die of it
     # (the runner's REST calls retry it too: runner/prefect_rest.py).
     os.environ.setdefault("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500")
+    budget = _client_seconds(retries)
     for asked in ENGINE_INTENTS:
         signal.signal(asked, _stop_with_intent)
     # The engine now, not at its first use: importing it configures Prefect's logging,
@@ -154,13 +166,14 @@ def run(stage: Stage, channel: Sender) -> int:
     deployment = DeploymentResponse.model_validate(stage.deployment)
     run_logger = flow_run_logger(flow_run)
     os.chdir(stage.run_dir)
-    flow = load_flow_code(
-        flow_run,
-        deployment,
-        code_dir=Path(stage.code_dir) if stage.code_dir else None,
-        pull_steps=stage.pull_steps,
-        run_logger=run_logger,
-    )
+    with _api_failures("loading the flow's code", budget, after_start=False):
+        flow = load_flow_code(
+            flow_run,
+            deployment,
+            code_dir=Path(stage.code_dir) if stage.code_dir else None,
+            pull_steps=stage.pull_steps,
+            run_logger=run_logger,
+        )
     global _running
     _running = (flow, flow_run)
     seconds = time.monotonic() - started
@@ -173,8 +186,33 @@ def run(stage: Stage, channel: Sender) -> int:
     gc.enable()
     channel.send(Phase("flow-started"))
     started = time.monotonic()
-    state = run_in_process(flow, flow_run)
+    with _api_failures("running the flow", budget, after_start=True):
+        state = run_in_process(flow, flow_run)
     seconds = round(time.monotonic() - started, 3)
     channel.send(Phase("flow-finished", {"seconds": seconds, "state": state.type.value}))
     channel.send(Finished(state=state.type.value, name=state.name, message=state.message))
     return int(exit_code_for_state(state.type.value))
+
+
+def _client_seconds(retries: int) -> float:
+    """About how long Prefect's client retries, with the retries in effect (the user's
+    PREFECT_CLIENT_MAX_RETRIES, where set, else ``retries``)."""
+    try:
+        return prefect_client_seconds(int(os.environ["PREFECT_CLIENT_MAX_RETRIES"]))
+    except (KeyError, ValueError):
+        return prefect_client_seconds(retries)
+
+
+@contextlib.contextmanager
+def _api_failures(doing: str, seconds: float, *, after_start: bool) -> Iterator[None]:
+    """An error out of Prefect's client for a Prefect API that kept failing past its
+    retries (a 5xx, a timeout) becomes the runner's one line naming the endpoint and the
+    status: exit 3 before the flow started, exit 5 (the run ends Crashed) after."""
+    try:
+        yield
+    except Exception as exc:
+        error = ApiLost if after_start else ApiBusy
+        lost = api_failure(exc, doing=doing, seconds=seconds, error=error)
+        if lost is None:
+            raise
+        raise lost from exc

@@ -138,6 +138,7 @@ def _bootstrap(settings: Settings, flow_run_id: uuid.UUID, channel: Sender) -> i
                 log_level=settings.log_level,
                 log_file=str(path) if (path := logs.captured()) else None,
                 channel_fd=channel.fd,
+                api_wait=settings.api_wait,
             )
             switch = _environment(settings, flow_run, code_dir, stage, run_log, channel)
         finally:
