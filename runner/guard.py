@@ -144,6 +144,7 @@ def _fork_and_supervise(
     # copy-on-write; frozen objects are never visited by GC, so neither process
     # dirties those pages.
     gc.freeze()
+    guard_pid = os.getpid()
     pid = os.fork()
     if pid == 0:  # the worker: never returns into the guard's code (GC: see worker.py)
         code = int(ExitCode.CRASHED)
@@ -153,6 +154,7 @@ def _fork_and_supervise(
             # turns them into a Crashed state while the flow runs).
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            _stop_with_guard(guard_pid)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             code = worker.run(settings, flow_run_id, Sender(sender_fd))
         finally:
@@ -353,3 +355,19 @@ def _flush_prefect() -> None:
         from runner.prefect_compat import flush
 
         flush()
+
+
+def _stop_with_guard(guard_pid: int) -> None:
+    """Have the kernel send the worker SIGTERM if the guard dies (SIGKILL, a crash): a
+    worker left alone would run the flow with no heartbeat, no teardown and no final
+    state, on a VM nobody stops. SIGTERM, not SIGKILL, so that the engine still reports
+    the run Crashed. Linux only (prctl); kept across the exec into a run's env."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != guard_pid:  # the guard died before the call: nobody would signal
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -133,6 +133,28 @@ def test_sigterm_with_the_crash_policy_crashes_the_run(
     assert event["payload"]["policy"] == "crash"
 
 
+def test_a_guard_killed_outright_takes_its_worker_with_it(runner, flow_run, client, tmp_path):
+    """SIGKILL to the guard (nothing it can catch): the kernel stops the worker too, whose
+    engine reports the run Crashed, rather than a flow left running unsupervised."""
+    pid_file = tmp_path / "worker.pid"
+    run = flow_run("sleeper", pid_file=str(pid_file))
+    proc = runner.start("--flow-run-id", str(run.id))
+    worker_pid = int(wait_for_file(pid_file))
+
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    deadline = time.monotonic() + 30
+    while pid_alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(worker_pid)
+    deadline = time.monotonic() + 30
+    while not (state := client.read_flow_run(run.id).state).is_final():
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    assert state.is_crashed(), state
+
+
 @pytest.mark.parametrize(
     ("cloud", "says"),
     [("aws", "AWS spot"), ("gcp", "GCE"), ("azure", "Azure Scheduled Event Preempt")],
