@@ -5,6 +5,10 @@ injected at the HTTP level, so the SDK under test parses a real error response.
     with FaultProxy(moto.url) as proxy:
         proxy.answer(lambda r: b"InstanceType=m6i.large" in r.body, 500, ec2_error(...))
         boto3.client("ec2", endpoint_url=proxy.url)...
+
+A rule answers every match, the first ``times`` of them, or every ``every``-th (throttling
+spread over a fleet's requests); ``answer`` returns it, and its ``hits`` count what it
+answered.
 """
 
 from __future__ import annotations
@@ -31,20 +35,35 @@ class Request:
 
 
 @dataclass
-class _Rule:
+class Rule:
     match: Callable[[Request], bool]
     status: int
     body: bytes
     content_type: str
     times: int | None  # None: every match
-    hits: int = 0
+    hits: int = 0  # requests answered
+    every: int = 1  # answer the every-th match only (the k-th, 2k-th, ...)
+    matched: int = 0  # requests matched, answered or not
+    forward: bool = False  # the server gets the request first: only its answer is lost
+
+    def takes(self, request: Request) -> bool:
+        """Whether this rule answers ``request`` (counting it); under the proxy's lock."""
+        if self.times is not None and self.hits >= self.times:
+            return False
+        if not self.match(request):
+            return False
+        self.matched += 1
+        if self.matched % self.every:
+            return False
+        self.hits += 1
+        return True
 
 
 @dataclass
 class FaultProxy:
     upstream: str
     requests: list[Request] = field(default_factory=list)
-    _rules: list[_Rule] = field(default_factory=list)
+    _rules: list[Rule] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -60,18 +79,27 @@ class FaultProxy:
         *,
         content_type: str = "text/xml",
         times: int | None = None,
-    ) -> None:
+        every: int = 1,
+        forward: bool = False,
+    ) -> Rule:
         """Requests for which ``match`` is true get this answer instead of the server's
-        (the first ``times`` of them; all, by default)."""
+        (the first ``times`` of them; all, by default; with ``every=k`` only the k-th,
+        2k-th... match, the others going on to the next rule or the server). Rules are
+        tried in the order they were added. Returns the rule: ``rule.hits`` counts the
+        requests it answered. With ``forward`` the request still reaches the server (which
+        acts on it), and only its answer is replaced: a 500 after the work was done."""
+        if every < 1:
+            raise ValueError(f"every must be 1 or more, not {every}")
+        rule = Rule(match, status, body, content_type, times, every=every, forward=forward)
         with self._lock:
-            self._rules.append(_Rule(match, status, body, content_type, times))
+            self._rules.append(rule)
+        return rule
 
-    def _rule_for(self, request: Request) -> _Rule | None:
+    def _rule_for(self, request: Request) -> Rule | None:
         with self._lock:
             self.requests.append(request)
             for rule in self._rules:
-                if (rule.times is None or rule.hits < rule.times) and rule.match(request):
-                    rule.hits += 1
+                if rule.takes(request):
                     return rule
         return None
 
@@ -90,13 +118,16 @@ class FaultProxy:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 request = Request(self.command, self.path, body, headers)
                 rule = proxy._rule_for(request)
-                if rule is not None:
+                if rule is not None and not rule.forward:
                     self._reply(rule.status, {"Content-Type": rule.content_type}, rule.body)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 upstream = proxy._client.request(
                     self.command, self.path, headers=headers, content=body
                 )
+                if rule is not None:  # forwarded: the server acted, its answer is lost
+                    self._reply(rule.status, {"Content-Type": rule.content_type}, rule.body)
+                    return
                 kept = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
                 kept.pop("content-encoding", None)  # httpx decoded it
                 self._reply(upstream.status_code, kept, upstream.content)
@@ -135,3 +166,13 @@ def ec2_error(code: str, message: str) -> bytes:
         f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error>"
         "</Errors><RequestID>fault-proxy</RequestID></Response>"
     ).encode()
+
+
+def ec2_action(*actions: str) -> Callable[[Request], bool]:
+    """A ``match`` for EC2 (query API) requests of these actions: ``ec2_action("RunInstances")``."""
+    wanted = {f"Action={action}".encode() for action in actions}
+
+    def match(request: Request) -> bool:
+        return any(part in wanted for part in request.body.split(b"&"))
+
+    return match

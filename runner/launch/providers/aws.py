@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Iterator, Sequence
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +25,28 @@ CAPACITY_ERRORS = {
     "InsufficientCapacity",
     "Unsupported",  # this type in this zone, or on the spot market
 }
+# AWS's answers that mean "asking too often" (EC2's is RequestLimitExceeded; the others are
+# botocore's list for the rest of AWS, SSM's ThrottlingException among them). The account's
+# request budget is shared by every run of a fleet, so they are not a run's failure, nor a
+# reason to try another type: the call is asked again, with backoff, for THROTTLED_SECONDS.
+THROTTLING_ERRORS = {
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "EC2ThrottledException",
+    "SlowDown",
+}
+THROTTLED_SECONDS = 300.0
+THROTTLED_MAX_WAIT = 20.0  # the longest wait between two tries (botocore's own cap)
+# Every other retryable answer (a 5xx, which is how EC2 says InsufficientInstanceCapacity;
+# a dropped connection) gets botocore's standard few tries (3 after the first, after short
+# jittered waits): a capacity error is answered by trying the next candidate, not by asking
+# the same again.
+RETRIES = {"max_attempts": 3, "mode": "standard"}
 _BAD_INPUT = {
     "InvalidAMIID.NotFound": "the machine image {image} does not exist in {region}",
     "InvalidAMIID.Malformed": "{image} is not an AMI id",
@@ -75,17 +101,7 @@ class AwsProvider:
         **_: object,
     ) -> None:
         if ec2 is None:
-            try:
-                import boto3
-            except ImportError:
-                raise ConfigError(
-                    "the aws provider needs boto3: pip install 'prefect-vm-runner[launch-aws]'"
-                ) from None
-            from botocore.config import Config
-
-            # Few retries: a capacity error is answered by trying the next candidate.
-            config = Config(retries={"max_attempts": 3, "mode": "standard"})
-            ec2 = boto3.client("ec2", region_name=region, config=config)
+            ec2 = client("ec2", region)
         self._ec2 = ec2
         self._region = ec2.meta.region_name
         self._subnet = subnet
@@ -118,6 +134,10 @@ class AwsProvider:
                 {"ResourceType": "volume", "Tags": tags},
             ],
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+            # Idempotency: a retry of this call (throttled, or its answer lost) that EC2 had
+            # already carried out returns that instance rather than starting a second one.
+            # New for each call: a later launch of the same run is another instance.
+            "ClientToken": str(uuid.uuid4()),
         }
         if request.spot:
             params["InstanceMarketOptions"] = {
@@ -217,9 +237,7 @@ class AwsProvider:
 
     def _ssm(self) -> Any:
         if self._ssm_client is None:
-            import boto3
-
-            self._ssm_client = boto3.client("ssm", region_name=self._region)
+            self._ssm_client = client("ssm", self._region)
         return self._ssm_client
 
     def _root_device(self, image_id: str) -> str:
@@ -258,6 +276,68 @@ class AwsProvider:
                     )
                     raise ConfigError(f"{doing}: {why} ({code}: {message})") from None
                 raise
+
+
+def client(service: str, region: str | None) -> Any:
+    """A boto3 client for the provider: botocore's standard retries (RETRIES) for what
+    fails now and then, patience with throttling (``patient_with_throttling``)."""
+    try:
+        import boto3
+    except ImportError:
+        raise ConfigError(
+            "the aws provider needs boto3: pip install 'prefect-vm-runner[launch-aws]'"
+        ) from None
+    from botocore.config import Config
+
+    # The worker makes clients from several threads at once (a provider per run, its SSM
+    # client in the run's thread). boto3's default session is not safe for that, and a
+    # session per client would load the service's model each time (0.2 s, not 0.02).
+    with _CLIENTS:
+        made = boto3.client(service, region_name=region, config=Config(retries=dict(RETRIES)))
+    patient_with_throttling(made)
+    return made
+
+
+_CLIENTS = threading.Lock()
+
+
+def patient_with_throttling(
+    boto_client: Any,
+    *,
+    seconds: float = THROTTLED_SECONDS,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> None:
+    """Make ``boto_client`` ask again when AWS throttles it (THROTTLING_ERRORS), for up to
+    ``seconds`` per call, after a wait drawn (``jitter``) from 0 to 2**tries s, at most
+    THROTTLED_MAX_WAIT: the jitter spreads a fleet's calls out, where waits in step would
+    be throttled again. Any other answer is left to the client's retry mode.
+
+    Why not botocore's settings alone: their ``max_attempts`` is one number for every
+    retryable answer, and EC2 says "no capacity" with a 500, which standard retries too;
+    enough attempts to outlast throttling would try a type with no capacity for a minute
+    before the next one. Nor the ``adaptive`` mode: its rate limiter is the client's own,
+    and the worker makes a client per run, while the budget is the account's."""
+    service = boto_client.meta.service_model.service_id.hyphenize()
+
+    def needs_retry(
+        response: Any, attempts: int, request_dict: dict[str, Any], **_: Any
+    ) -> float | None:
+        if response is None:  # no answer at all: the retry mode's business
+            return None
+        code = (response[1].get("Error") or {}).get("Code")
+        if code not in THROTTLING_ERRORS:
+            return None
+        context = request_dict["context"]  # the same for every try of one call
+        since = context.setdefault("runner_throttled_since", time.monotonic())
+        left = since + seconds - time.monotonic()
+        if left <= 0:
+            return None  # left to the retry mode, whose few tries are spent
+        return min(jitter(0, min(2.0 ** (attempts - 1), THROTTLED_MAX_WAIT)), left)
+
+    # First of the needs-retry handlers: botocore retries after the first that answers.
+    boto_client.meta.events.register_first(
+        f"needs-retry.{service}", needs_retry, unique_id=f"runner-throttling-{service}"
+    )
 
 
 @contextmanager
