@@ -69,6 +69,7 @@ def main() -> int:
 
     sizes = [int(n) for n in args.runners.split(",")]
     modes = [m for m in args.modes.split(",") if m]
+    results: dict[tuple[str, int], dict] = {}
     with fleet_server(Path(tempfile.mkdtemp(prefix="runner-bench-fleet-"))) as server:
         for mode in modes:
             for size in sizes:
@@ -76,11 +77,37 @@ def main() -> int:
                     mode, size, args.rate, args.seconds,
                     args.heartbeat_seconds, args.metrics_seconds,
                 )  # fmt: skip
-                result = run_fleet(server, fleet)
+                result = results[mode, size] = run_fleet(server, fleet)
                 print(json.dumps(result), flush=True)
                 if not result["held"]:
                     break  # the next size would only fail harder
+    print(json.dumps(_compare(results)), flush=True)
     return 0
+
+
+def _compare(results: dict[tuple[str, int], dict]) -> dict:
+    """The largest fleet each mode held, and per size run by both: the runner's server
+    requests and server CPU per run over ``flow-run execute``'s."""
+    held = {
+        mode: max((n for (m, n), r in results.items() if m == mode and r["held"]), default=0)
+        for mode in {m for m, _ in results}
+    }
+    ratios = {}
+    for (mode, size), runner in results.items():
+        execute = results.get(("execute", size))
+        if mode != "runner" or execute is None:
+            continue
+        ratios[str(size)] = {
+            "requests": round(
+                runner["per_runner"]["requests"] / execute["per_runner"]["requests"], 2
+            ),
+            "server_cpu": round(
+                runner["server_cpu_percent_per_runner"]["server"]
+                / execute["server_cpu_percent_per_runner"]["server"],
+                2,
+            ),
+        }
+    return {"bench": "fleet", "largest_held": held, "runner_over_execute": ratios}
 
 
 class fleet_server:  # noqa: N801  (a context manager, named for the `with`)
@@ -113,7 +140,7 @@ def run_fleet(server: PrefectServer, fleet: Fleet) -> dict:
     scratch = server.home.parent / f"{fleet.mode}-{fleet.runners}-{uuid.uuid4().hex[:6]}"
     run_ids = _create_runs(server, fleet)
     db_pid = server.database.pid  # type: ignore[attr-defined]
-    cpu_before = {"server": _tree_cpu(server.pid), "postgres": _tree_cpu(db_pid)}
+    cpu_before = {"server": tree_cpu(server.pid), "postgres": tree_cpu(db_pid)}
     health = _HealthProbe(server.api_url)
     health.start()
     started = time.time()
@@ -126,7 +153,7 @@ def run_fleet(server: PrefectServer, fleet: Fleet) -> dict:
     ended = time.time()
     health.stop()
     cpu = {
-        name: _tree_cpu(pid) - cpu_before[name]
+        name: tree_cpu(pid) - cpu_before[name]
         for name, pid in (("server", server.pid), ("postgres", db_pid))
     }
     checks = _check_runs(server, fleet, run_ids)
@@ -315,7 +342,10 @@ def _per_runner(requests: list[dict], runners: int, steady: tuple[float, float])
     return {
         "requests": round(len(calls) / runners, 1),
         "bytes": round(sum(r["in"] + r["out"] for r in calls) / runners),
-        "websockets": round(sum(1 for r in fleet if r["method"] == "WS") / runners, 2),
+        "websockets": {
+            route: round(n / runners, 2)
+            for route, n in Counter(r["route"] for r in fleet if r["method"] == "WS").items()
+        },
         "requests_per_minute_steady": (
             round(len(in_window) / runners / minutes, 2) if minutes >= 0.25 else None
         ),
@@ -344,7 +374,7 @@ def _read_records(path: Path | None) -> Iterable[dict]:
                 yield json.loads(line)
 
 
-def _tree_cpu(pid: int | None) -> float:
+def tree_cpu(pid: int | None) -> float:
     """CPU seconds of a process, its live children and the children it has reaped
     (PostgreSQL's backends come and go)."""
     if pid is None:

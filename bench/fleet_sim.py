@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import resource
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.fleet import fleet_server
+from bench.fleet import fleet_server, tree_cpu
 
 WINDOW = 10.0  # seconds per reported window
 LOG_FLUSH = 2.0  # Prefect's APILogHandler sends its batch every 2 s
@@ -69,6 +70,7 @@ class Stats:
     peak_live: int = 0
     slow_from_live: int | None = None  # live VMs in the first window past --slow-seconds
     errors_from_live: int | None = None  # ... in the first with over 1% errors
+    ending: asyncio.Event = field(default_factory=asyncio.Event)  # live VMs end their runs now
 
 
 def main() -> int:
@@ -83,19 +85,22 @@ def main() -> int:
     settings = Settings(**vars(parser.parse_args()))
     _raise_file_limit()  # a websocket and a connection or two per VM, on both sides
     with fleet_server(Path(tempfile.mkdtemp(prefix="runner-bench-fleet-sim-"))) as server:
-        summary = asyncio.run(simulate(server.api_url, settings))
+        pids = {"server": server.pid, "postgres": server.database.pid}  # type: ignore[attr-defined]
+        summary = asyncio.run(simulate(server.api_url, settings, pids))
     print(json.dumps(summary), flush=True)
     return 0
 
 
-async def simulate(api_url: str, settings: Settings) -> dict:
+async def simulate(api_url: str, settings: Settings, pids: dict[str, int | None]) -> dict:
+    """Ramp VMs up at ``settings.rate`` until done or past the server's limit; ``pids``:
+    the processes whose CPU each window reports (the server, PostgreSQL)."""
     stats = Stats()
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx.AsyncClient(
         base_url=api_url + "/", timeout=60, limits=limits, headers=AGENT
     ) as http:
         deployment_id = await _deployment(http)
-        reporter = asyncio.create_task(_report(stats, settings))
+        reporter = asyncio.create_task(_report(stats, settings, pids))
         began = time.monotonic()
         vms: list[asyncio.Task] = []
         stop_reason = f"all {settings.vms} VMs started"
@@ -103,9 +108,11 @@ async def simulate(api_url: str, settings: Settings) -> dict:
             await asyncio.sleep(max(0.0, began + i / settings.rate - time.monotonic()))
             if reporter.done():
                 stop_reason = reporter.result()
+                stats.ending.set()  # what is measured is measured: no need to wait out lives
                 break
             if time.monotonic() - began > settings.max_seconds:
                 stop_reason = f"--max-seconds {settings.max_seconds:g} reached"
+                stats.ending.set()
                 break
             vms.append(asyncio.create_task(_vm(http, api_url, deployment_id, settings, stats)))
         await asyncio.gather(*vms, return_exceptions=True)
@@ -123,11 +130,20 @@ async def simulate(api_url: str, settings: Settings) -> dict:
     }
 
 
-async def _report(stats: Stats, settings: Settings) -> str:
+async def _report(stats: Stats, settings: Settings, pids: dict[str, int | None]) -> str:
     """A JSON line per window; returns (ending the ramp) once the server is past its limit."""
     seen = 0
+
+    def cpu_now() -> dict[str, float]:
+        # The load generator shares the box: past ~90% of its core, it is the limit.
+        return {"load_generator": time.process_time()} | {
+            name: tree_cpu(pid) for name, pid in pids.items()
+        }
+
+    cpu = cpu_now()
     while True:
         await asyncio.sleep(WINDOW)
+        cpu_was, cpu = cpu, cpu_now()
         window, seen = stats.calls[seen:], len(stats.calls)
         times = [seconds for _, seconds, _ in window]
         errors = sum(1 for *_, ok in window if not ok)
@@ -140,6 +156,7 @@ async def _report(stats: Stats, settings: Settings) -> str:
             "p95_s": round(p95, 3) if p95 is not None else None,
             "errors": errors,
             "websockets": stats.websockets,
+            "cpu_percent": {n: round(100 * (cpu[n] - cpu_was[n]) / WINDOW) for n in cpu},
         }
         print(json.dumps(line), flush=True)
         stats.peak_live = max(stats.peak_live, stats.live)
@@ -186,7 +203,7 @@ async def _vm(
             ws = asyncio.create_task(_cancel_watch(api_url, run_id, stats))
         await api.call("GET", f"flow_runs/{run_id}")
         await api.call("POST", f"flow_runs/{run_id}/set_state", json=_state("RUNNING"))
-        await _run(api, run_id, settings)
+        await _run(api, run_id, settings, stats.ending)
         await api.call("POST", f"flow_runs/{run_id}/set_state", json=_state("COMPLETED"))
         await api.call("POST", "artifacts/", json=_artifact(run_id))
         await api.call("POST", "events", json=_phases(run_id, "flow-finished", "teardown"))
@@ -198,21 +215,30 @@ async def _vm(
         stats.live -= 1
 
 
-async def _run(api: _Timed, run_id: str, settings: Settings) -> None:
-    """The flow's life: each periodic request when it falls due, in time order."""
+async def _run(api: _Timed, run_id: str, settings: Settings, ending: asyncio.Event) -> None:
+    """The flow's life: each periodic request when it falls due, in time order, until its
+    life is over or the simulation ends."""
+    # The runner polls one time in 6 while its websocket is subscribed (cancellation.py).
+    poll_slowdown = 6 if settings.websocket else 1
     periods = {
         "heartbeat": settings.heartbeat_seconds,
         "metrics": settings.metrics_seconds,
-        "poll": settings.cancel_poll_seconds,
+        "poll": settings.cancel_poll_seconds * poll_slowdown,
         "logs": LOG_FLUSH if settings.log_lines_per_second > 0 else 0,
     }
     began = time.monotonic()
-    due = {name: random.uniform(0, p) for name, p in periods.items() if p > 0}  # VMs drift apart
+    # VMs drift apart; a VM's heartbeat and metrics periods both start at its claim.
+    due = {name: random.uniform(0, p) for name, p in periods.items() if p > 0}
+    if "heartbeat" in due and "metrics" in due:
+        due["heartbeat"] = due["metrics"] = settings.metrics_seconds
     while due:
         name, at = min(due.items(), key=lambda item: item[1])
         if at >= settings.life:
             return
-        await asyncio.sleep(max(0.0, began + at - time.monotonic()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ending.wait(), max(0.0, began + at - time.monotonic()))
+        if ending.is_set():
+            return
         now = time.monotonic() - began
         if name in ("heartbeat", "metrics"):
             # The guard's outbox sends what is queued in one POST: both when both are due.

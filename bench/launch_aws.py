@@ -8,7 +8,8 @@ poweroff). Prints one JSON line:
 - ``ec2_calls_per_run``: EC2 requests the worker made, per run, by action.
 
 ``--fleet 100``: the same runs in a pool whose concurrency limit is ``--limit`` (25), its
-worker started with ``--limit`` as well (``--worker-limit``, 0 for none), while EC2
+worker started without a limit of its own (it holds to the pool's; ``--worker-limit N``
+gives it one), while EC2
 throttles a share of the worker's calls (RequestLimitExceeded from the proxy: the first 50
 RunInstances, then every 4th, every 3rd DescribeInstances and TerminateInstances). The
 runs are created while the pool is paused; unpausing it makes all of them due at once.
@@ -65,7 +66,7 @@ def main() -> int:
     )
     parser.add_argument("--limit", type=int, default=25, help="--fleet: the pool's limit")
     parser.add_argument(
-        "--worker-limit", type=int, help="--fleet: the worker's --limit (default: --limit; 0: none)"
+        "--worker-limit", type=int, default=0, help="--fleet: the worker's --limit (0: none)"
     )
     parser.add_argument("--postgres", action="store_true", help="the Prefect server on PostgreSQL")
     args = parser.parse_args()
@@ -81,8 +82,9 @@ def main() -> int:
         os.environ.update(server.env())  # before Prefect is imported
         ec2_proxy = stack.enter_context(FaultProxy(moto.url))
         if args.fleet:
-            worker_limit = args.limit if args.worker_limit is None else args.worker_limit
-            result = _fleet(server, moto, ec2_proxy, scratch, args.fleet, args.limit, worker_limit)
+            result = _fleet(
+                server, moto, ec2_proxy, scratch, args.fleet, args.limit, args.worker_limit
+            )
             result["database"] = "postgresql" if args.postgres else "sqlite"
         else:
             result = _bench(server, moto, ec2_proxy, scratch, args.runs)

@@ -8,6 +8,7 @@ off), then delete everything the VM leaves behind.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -167,6 +168,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
     _documentation_url = "https://github.com/prefect-vm-runner/prefect-vm-runner#launching-vms"
 
     _last_sweep = 0.0
+    _limit_is_the_pools = False  # the worker holds to the pool's limit (no --limit given)
 
     @classmethod
     def template_with(cls, **defaults: Any) -> dict[str, Any]:
@@ -348,6 +350,7 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
         """Prefect's poll, and every minute a sweep of the pool's orphaned VMs."""
+        self._hold_to_the_pools_limit()
         if time.monotonic() - self._last_sweep > SWEEP_SECONDS:
             self._last_sweep = time.monotonic()
             try:
@@ -367,6 +370,25 @@ class VmWorker(BaseWorker[VmJobConfiguration, VmVariables, VmWorkerResult]):
             except Exception as exc:  # a sweep failing must never stop the worker
                 self._logger.warning("sweep of pool %r failed: %s", self._work_pool_name, exc)
         return await super().get_and_submit_flow_runs()
+
+    def _hold_to_the_pools_limit(self) -> None:
+        """Without ``--limit``, the pool's concurrency limit (as it is now) is the worker's
+        own: the server alone lets a few runs past it on PostgreSQL (its query for a pool's
+        next runs skips rows locked by a state change, FOR UPDATE SKIP LOCKED, and gives
+        their slots to later runs: 26 to 28 of 25 at once in tests/launch/test_fleet_aws.py),
+        while the worker's own limit is held until it has deleted a run's VM."""
+        if self._limit is not None and not self._limit_is_the_pools:
+            return  # --limit given: the user's
+        pool_limit = self._work_pool.concurrency_limit if self._work_pool else None
+        if self._limiter is None:
+            if not pool_limit:
+                return
+            self._limiter = anyio.CapacityLimiter(pool_limit)
+            self._limit_is_the_pools = True
+            self._limit = pool_limit
+        elif self._limit_is_the_pools:
+            self._limiter.total_tokens = pool_limit or math.inf  # changed, or lifted
+            self._limit = pool_limit or None
 
 
 def provider_of(configuration: VmJobConfiguration) -> Provider:

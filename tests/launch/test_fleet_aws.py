@@ -38,7 +38,7 @@ from tests.launch.conftest import vm_env
 from tests.launch.test_aws import TYPES, AwsPool, _ec2, ami  # noqa: F401 (ami: a fixture)
 
 RUNS = 100
-LIMIT = 25  # the pool's concurrency limit, and the worker's --limit
+LIMIT = 25  # the pool's concurrency limit
 # The first RunInstances are throttled in a burst longer than botocore's few retries (what
 # an account's empty request bucket does), then every few of each call the worker makes.
 BURST = 50
@@ -74,15 +74,16 @@ def fleet_client(fleet_server):
 
 
 class FleetPool(AwsPool):
-    """The pool, its worker started with ``--limit``: the pool's limit is not a hard one on
-    PostgreSQL (Prefect's query for a pool's next runs skips those whose row is locked by a
-    state change, and gives their slots to later runs: 26 to 28 of 25 were Pending or
-    Running at once here); the worker's own limit, held until it deleted a run's VM, is."""
+    """The pool, its worker started without ``--limit``: the pool's limit alone is not a
+    hard one on PostgreSQL (Prefect's query for a pool's next runs skips those whose row
+    is locked by a state change, and gives their slots to later runs: 26 to 28 of 25 were
+    Pending or Running at once here), so the worker holds to it as its own limit, until
+    it has deleted a run's VM."""
 
     def start_worker(self) -> None:
         self._worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.name,
-             "--type", "vm", "--name", f"{self.name}-worker", "--limit", str(LIMIT)],
+             "--type", "vm", "--name", f"{self.name}-worker"],
             env={**os.environ, **self.server.env(), "PREFECT_WORKER_QUERY_SECONDS": "1",
                  "PREFECT_WORKER_HEARTBEAT_SECONDS": "5", **self.worker_env},
             cwd=REPO, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT,
