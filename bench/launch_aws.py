@@ -224,7 +224,7 @@ def _fleet(
         "worker_limit": worker_limit or None,
         "all_launched_s": round(launched, 2),
         "all_deleted_s": round(deleted, 2),
-        "most_at_once": _most_at_once(states),
+        "most_at_once": most_at_once(states),
         "most_instances_at_once": peak,
         "throttled": {name: rule.hits for name, rule in rules.items()},
         "ec2_calls_per_run": {a: round(n / runs, 2) for a, n in sorted(actions.items())},
@@ -275,7 +275,7 @@ def _crashed(http: httpx.Client, deployment: object) -> int:
     return response.json() if response.status_code == 200 else 0
 
 
-def _most_at_once(histories: list) -> int:
+def most_at_once(histories: list) -> int:
     """The most runs Pending or Running at one time: from each run's first Pending state
     to its first final one."""
     edges = []

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 import boto3
 import pytest
 
+from bench.launch_aws import most_at_once
 from devtools.fault_proxy import FaultProxy, ec2_action, ec2_error
 from runner.errors import BootstrapError
 from runner.launch.providers.aws import RETRIES, AwsProvider, patient_with_throttling
@@ -181,7 +182,7 @@ def test_100_runs_launch_within_the_pool_limit_through_throttling_and_leave_noth
 
     # The limit held: at no time were more than LIMIT of the pool's runs Pending or Running
     # (each run's state history, from its first Pending to its end), and it was reached.
-    assert _most_at_once(client, runs) == LIMIT
+    assert most_at_once([client.read_flow_run_states(run.id) for run in runs]) == LIMIT
 
     # EC2 throttled, and every throttled RunInstances was asked again, once each: one
     # instance per run, no more.
@@ -228,22 +229,6 @@ def _runs_of(client, deployment_id) -> list:
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
         limit=RUNS + 1,
     )
-
-
-def _most_at_once(client, runs) -> int:
-    """The most runs Pending or Running at one time, from each run's state history (the
-    server stamps each state when it takes it)."""
-    edges = []
-    for run in runs:
-        states = sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
-        begin = next(s.timestamp for s in states if s.is_pending())
-        end = next(s.timestamp for s in states if s.is_final())
-        edges += [(begin, 1), (end, -1)]
-    most = now = 0
-    for _, step in sorted(edges):  # at the same instant, an end before a begin
-        now += step
-        most = max(most, now)
-    return most
 
 
 def _wait_for_deleted(pool: AwsPool, vm_ids: set[str], timeout: float = 30) -> set[str]:
