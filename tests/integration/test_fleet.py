@@ -20,9 +20,7 @@ from tests.conftest import FLOWS_DIR
 
 @pytest.mark.timeout(600)
 def test_twenty_runners_booting_at_four_a_second_all_complete_once(tmp_path):
-    fleet = Fleet(
-        "runner", runners=20, rate=4.0, seconds=15, heartbeat_seconds=5, metrics_seconds=5
-    )
+    fleet = Fleet("runner", runners=20, rate=4.0, seconds=8, heartbeat_seconds=2, metrics_seconds=2)
     with fleet_server(tmp_path) as server:
         result = run_fleet(server, fleet)
 
