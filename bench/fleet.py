@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -416,4 +417,6 @@ class _HealthProbe(threading.Thread):
 
 
 if __name__ == "__main__":
+    # A SIGTERM unwinds like Ctrl-C, so that the servers it started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     raise SystemExit(main())

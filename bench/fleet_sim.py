@@ -27,7 +27,9 @@ import contextlib
 import json
 import random
 import resource
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -367,4 +369,6 @@ def _raise_file_limit() -> None:
 
 
 if __name__ == "__main__":
+    # A SIGTERM unwinds like Ctrl-C, so that the servers it started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     raise SystemExit(main())
